@@ -1,0 +1,61 @@
+"""opd-callback: is your on-policy-distillation teacher helping, token by token?
+
+Estimates the ideal per-token gradient from targeted rollouts and scores distillation directions by their cosine
+with it (arXiv 2605.10889). Training-free via :func:`diagnose`; during training via
+:class:`GradientAlignmentCallback` (imported lazily: it needs ``transformers``' Trainer).
+"""
+
+from __future__ import annotations
+
+from .alignment import cosine, ideal_gradient, score_node
+from .config import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
+from .divergences import (
+    Divergence,
+    available_divergences,
+    divergence_direction,
+    divergence_loss,
+    get_divergence,
+    register_divergence,
+)
+from .engine import AlignmentEngine, RewardFunctionError, diagnose
+from .report import AlignmentReport
+from .rollout import RolloutBackend, TransformersBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlignmentEngine",
+    "AlignmentReport",
+    "ContextTeacher",
+    "Divergence",
+    "ExternalTeacher",
+    "RewardFunctionError",
+    "RolloutBackend",
+    "RolloutSettings",
+    "TeacherConfig",
+    "TransformersBackend",
+    "available_divergences",
+    "cosine",
+    "diagnose",
+    "divergence_direction",
+    "divergence_loss",
+    "get_divergence",
+    "ideal_gradient",
+    "register_divergence",
+    "score_node",
+    "__version__",
+]
+
+_LAZY = {
+    "GradientAlignmentCallback": ".callback",
+    "AlignmentEarlyStopping": ".callback",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(_LAZY[name], __name__)
+        return getattr(mod, name)
+    raise AttributeError(f"module 'opd_callback' has no attribute {name!r}")

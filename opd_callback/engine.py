@@ -1,0 +1,607 @@
+"""The estimator: base rollouts -> nodes -> targeted rollouts -> ideal gradient -> alignment, per prompt.
+
+:func:`diagnose` is the training-free entry point; :class:`AlignmentEngine` is the reusable object behind it (the
+trainer callback holds one). Work is done one prompt at a time with a random generator seeded from
+``(settings.seed, prompt_index)``, so records do not depend on how prompts are split across processes or batched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .alignment import score_node, window_index
+from .config import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
+from .report import AlignmentReport
+from .rollout import RolloutBackend, TransformersBackend, eos_token_ids, next_token_logits
+
+__all__ = ["diagnose", "AlignmentEngine", "RewardFunctionError", "select_nodes", "vocab_size"]
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+class RewardFunctionError(RuntimeError):
+    """``reward_fn`` raised, or returned something other than one finite float per completion."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Size of a model's output distribution (rows of its output embedding, else ``config.vocab_size``)."""
+    get = getattr(model, "get_output_embeddings", None)
+    emb = get() if callable(get) else None
+    w = getattr(emb, "weight", None)
+    if w is not None and w.dim() == 2:
+        return int(w.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _check_examples(examples: Any) -> list[dict]:
+    if examples is None:
+        raise ValueError("examples is None: pass a non-empty list of dicts (or a datasets.Dataset) with a 'prompt' field")
+    try:
+        rows = [dict(e) for e in examples]
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            "examples must be a list of dicts or a datasets.Dataset whose rows have a 'prompt' field"
+        ) from exc
+    if not rows:
+        raise ValueError("examples is empty: the diagnostic needs at least one prompt (a dict with a 'prompt' field)")
+    for i, r in enumerate(rows):
+        if "prompt" not in r:
+            raise ValueError(f"example {i} has no 'prompt' field (its fields: {sorted(r)}); add one")
+        p = r["prompt"]
+        if isinstance(p, str):
+            continue
+        if isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
+            continue
+        raise TypeError(
+            f"example {i}: 'prompt' must be a string or a list of chat messages "
+            f"[{{'role': ..., 'content': ...}}], got {type(p).__name__}"
+        )
+    return rows
+
+
+def _last_user_index(messages: list[dict]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return i
+    raise ValueError("a chat prompt for ContextTeacher needs a 'user' message to rewrite")
+
+
+def _check_reward(out: Any, n: int, name: str) -> list[float]:
+    try:
+        vals = [float("nan") if v is None else float(v) for v in out]
+    except TypeError as exc:
+        raise RewardFunctionError(
+            f"reward function {name} returned {type(out).__name__}; it must return a list of {n} floats "
+            "(one per completion)"
+        ) from exc
+    if len(vals) != n:
+        raise RewardFunctionError(
+            f"reward function {name} returned {len(vals)} rewards for {n} completions; it must return exactly one "
+            "float per completion"
+        )
+    bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
+    if bad:
+        raise RewardFunctionError(
+            f"reward function {name} returned a non-finite reward (NaN/inf/None) for {len(bad)} of {n} completions "
+            f"(first at index {bad[0]}); return a finite float for every completion, e.g. 0.0 for an unparseable one"
+        )
+    return vals
+
+
+def select_nodes(
+    length: int,
+    settings: RolloutSettings,
+    rng: np.random.Generator,
+    entropies: Sequence[float] | None = None,
+) -> list[int]:
+    """Completion positions to score on a rollout of ``length`` tokens (method.md §2, node selection)."""
+    if length <= 0:
+        return []
+    mode = settings.node_selection
+    cap = settings.max_nodes_per_rollout
+    if mode == "all":
+        return list(range(length))
+    if mode == "positions":
+        return sorted({int(p) for p in settings.positions or [] if int(p) < length})
+    if mode == "entropy":
+        if entropies is None:
+            raise ValueError("node_selection='entropy' needs the student's entropies")
+        ent = np.asarray(entropies, dtype=np.float64)
+        order = np.argsort(-ent, kind="stable")[:cap]
+        return sorted(int(i) for i in order)
+    # depth windows [0,1), [1,2), [2,4), [4,8), ...: window w covers [2^(w-1), 2^w) for w >= 1
+    chosen: list[int] = []
+    w = 0
+    while len(chosen) < cap:
+        lo = 0 if w == 0 else 2 ** (w - 1)
+        if lo >= length:
+            break
+        hi = min(1 if w == 0 else 2**w, length)
+        m = min(settings.nodes_per_window, hi - lo, cap - len(chosen))
+        picks = rng.choice(hi - lo, size=m, replace=False) + lo
+        chosen.extend(int(p) for p in sorted(picks))
+        w += 1
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    index: int
+    example: dict
+    prompt: Any
+    prompt_ids: list[int]
+    teacher_prompt_ids: list[list[int]]
+    columns: dict = field(default_factory=dict)
+
+
+class AlignmentEngine:
+    """Holds a student, its teacher configurations and a reward function; scores prompts.
+
+    Args:
+        student: the student causal LM (its current weights are what is diagnosed).
+        tokenizer: the student's tokenizer (needs an EOS token; a chat template for chat prompts).
+        configs: teacher configurations scored side by side on the same rollouts and nodes.
+        reward_fn: the verifier, TRL signature ``reward_fn(prompts, completions, **columns) -> list[float]``.
+        settings: :class:`RolloutSettings`.
+        backend: optional :class:`RolloutBackend` for the student (default: :class:`TransformersBackend`).
+    """
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        tokenizer: Any,
+        configs: Sequence[TeacherConfig],
+        reward_fn: RewardFn,
+        settings: RolloutSettings | None = None,
+        backend: RolloutBackend | None = None,
+    ) -> None:
+        self.student = student
+        self.tokenizer = tokenizer
+        self.configs = list(configs)
+        self.reward_fn = reward_fn
+        self.settings = settings or RolloutSettings()
+        if not callable(reward_fn):
+            raise TypeError("reward_fn must be callable: reward_fn(prompts, completions, **columns) -> list[float]")
+        if not self.configs:
+            raise ValueError("configs is empty: pass at least one TeacherConfig to score")
+        names = [c.name for c in self.configs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"TeacherConfig names must be unique; repeated: {dup}")
+        for c in self.configs:
+            if not isinstance(c, TeacherConfig):
+                raise TypeError(f"configs must be TeacherConfig objects, got {type(c).__name__}")
+        self.eos_ids = eos_token_ids(student, tokenizer)
+        if not self.eos_ids:
+            raise ValueError("the tokenizer has no eos_token and the model no eos_token_id: set tokenizer.eos_token")
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+        self.vocab = vocab_size(student)
+        self._check_teachers()
+        self.backend = backend or TransformersBackend(
+            student,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            temperature=self.settings.temperature,
+            batch_size=self.settings.batch_size,
+        )
+        self.reward_name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+
+    # ---------------------------------------------------------------------------------------------------- validation
+    def _check_teachers(self) -> None:
+        for c in self.configs:
+            t = c.teacher
+            model = t.model if t.model is not None else self.student
+            v = vocab_size(model)
+            if v != self.vocab:
+                raise ValueError(
+                    f"TeacherConfig {c.name!r}: the teacher's vocabulary has {v} entries but the student's has "
+                    f"{self.vocab}. Alignment compares distributions token by token, so the teacher must use the "
+                    "student's tokenizer and vocabulary (a model of the same family, or a ContextTeacher). "
+                    "Cross-tokenizer distillation (TRL's GOLD) is not supported."
+                )
+            tok = getattr(t, "tokenizer", None)
+            if tok is not None and tok is not self.tokenizer:
+                if tok.get_vocab() != self.tokenizer.get_vocab():
+                    raise ValueError(
+                        f"TeacherConfig {c.name!r}: the teacher's tokenizer differs from the student's (different "
+                        "token-to-id maps). Use the student's tokenizer for the teacher, or a ContextTeacher."
+                    )
+
+    def _model_of(self, c: TeacherConfig) -> torch.nn.Module:
+        return c.teacher.model if c.teacher.model is not None else self.student
+
+    # ---------------------------------------------------------------------------------------------------- prompts
+    def _encode_text(self, text: str, raw: bool) -> list[int]:
+        enc = self.tokenizer(text, add_special_tokens=raw)
+        ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc.input_ids
+        return list(ids)
+
+    def _encode_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            return self._encode_text(prompt, raw=True)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("chat-format prompts need a tokenizer with a chat_template; set tokenizer.chat_template")
+        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return self._encode_text(text, raw=False)
+
+    def teacher_prompt(self, c: TeacherConfig, example: dict) -> Any:
+        """The prompt (string or messages) that configuration ``c``'s teacher sees for ``example``."""
+        t = c.teacher
+        if isinstance(t, ExternalTeacher):
+            return example["prompt"]
+        prompt = example["prompt"]
+        if isinstance(prompt, str):
+            return t.template.format(**example)
+        msgs = copy.deepcopy(prompt)
+        i = _last_user_index(msgs)
+        content = msgs[i]["content"]
+        msgs[i]["content"] = t.template.format(**{**example, "prompt": content})
+        return msgs
+
+    def prepare(self, examples: Any, indices: Sequence[int] | None = None) -> list[_Prepared]:
+        """Validate and tokenize examples (every check that needs no model call happens here)."""
+        rows = _check_examples(examples)
+        if indices is None:
+            indices = list(range(len(rows)))
+        if len(indices) != len(rows):
+            raise ValueError(f"indices has {len(indices)} entries for {len(rows)} examples")
+        for c in self.configs:
+            if isinstance(c.teacher, ContextTeacher):
+                for idx, r in zip(indices, rows):
+                    missing = [f for f in c.teacher.fields if f not in r]
+                    if missing:
+                        raise ValueError(
+                            f"ContextTeacher template of config {c.name!r} names field {missing[0]!r}, which example "
+                            f"{idx} does not have (its fields: {sorted(r)}). Add that column to the data or change "
+                            f"the template {c.teacher.template!r}."
+                        )
+        out = []
+        for idx, r in zip(indices, rows):
+            pids = self._encode_prompt(r["prompt"])
+            tids = [self._encode_prompt(self.teacher_prompt(c, r)) for c in self.configs]
+            cols = {k: v for k, v in r.items() if k != "prompt"}
+            out.append(_Prepared(int(idx), r, r["prompt"], pids, tids, cols))
+        return out
+
+    # ---------------------------------------------------------------------------------------------------- rewards
+    def score(self, prep: _Prepared, completions: Sequence[Sequence[int]]) -> list[float]:
+        """Rewards of completions (token ids, EOS included or not) of one prompt, batched."""
+        texts = self.tokenizer.batch_decode([list(c) for c in completions], skip_special_tokens=True)
+        chat = not isinstance(prep.prompt, str)
+        out: list[float] = []
+        bs = self.settings.reward_batch_size
+        for s in range(0, len(texts), bs):
+            chunk = texts[s : s + bs]
+            n = len(chunk)
+            comps = [[{"role": "assistant", "content": t}] for t in chunk] if chat else list(chunk)
+            cols = {k: [v] * n for k, v in prep.columns.items()}
+            try:
+                res = self.reward_fn(
+                    prompts=[prep.prompt] * n,
+                    completions=comps,
+                    completion_ids=[list(c) for c in completions[s : s + bs]],
+                    **cols,
+                )
+            except Exception as exc:  # noqa: BLE001 - wrapped with context and re-raised
+                raise RewardFunctionError(
+                    f"reward function {self.reward_name} raised {type(exc).__name__}: {exc} (called with {n} "
+                    f"completions and columns {sorted(cols)}; it must accept "
+                    "reward_fn(prompts, completions, **columns) and return one float per completion)"
+                ) from exc
+            out.extend(_check_reward(res, n, self.reward_name))
+        return out
+
+    # ---------------------------------------------------------------------------------------------------- one prompt
+    def _generator(self, index: int) -> tuple[torch.Generator, np.random.Generator]:
+        seed = (int(self.settings.seed) * 1_000_003 + int(index) * 7919 + 17) % (2**63 - 1)
+        dev = getattr(self.backend, "device", torch.device("cpu"))
+        gen = torch.Generator(device=dev if isinstance(dev, torch.device) else torch.device(dev))
+        gen.manual_seed(seed)
+        return gen, np.random.default_rng([int(self.settings.seed), int(index)])
+
+    def run_prompt(self, prep: _Prepared) -> tuple[list[dict], list[dict], dict]:
+        """All work for one prompt. Returns ``(records, rollouts, stats)``."""
+        st = self.settings
+        gen, rng = self._generator(prep.index)
+        R, T = st.num_rollouts, st.max_new_tokens
+        plen = len(prep.prompt_ids)
+        base = self.backend.sample([prep.prompt_ids] * R, [T] * R, gen)
+        base_rewards = self.score(prep, base)
+        rollouts = [
+            {
+                "prompt_index": prep.index,
+                "rollout_index": r,
+                "prompt": prep.prompt if isinstance(prep.prompt, str) else repr(prep.prompt),
+                "completion": self.tokenizer.decode(base[r], skip_special_tokens=True),
+                "completion_ids": list(base[r]),
+                "reward": base_rewards[r],
+                "correct": bool(base_rewards[r] >= st.correct_threshold),
+            }
+            for r in range(R)
+        ]
+        # --- nodes
+        seqs = [prep.prompt_ids + list(c) for c in base]
+        nodes: list[tuple[int, int]] = []
+        if st.node_selection == "entropy":
+            all_pos = [[plen + t for t in range(len(c))] for c in base]
+            full = self.backend.logits(seqs, all_pos)
+            for r, c in enumerate(base):
+                lp = torch.log_softmax(full[r].double() / st.temperature, -1)
+                ent = (-(lp.exp() * lp).nan_to_num(0.0).sum(-1)).tolist()
+                nodes.extend((r, t) for t in select_nodes(len(c), st, rng, ent))
+            del full
+        else:
+            for r, c in enumerate(base):
+                nodes.extend((r, t) for t in select_nodes(len(c), st, rng))
+        stats = {"rollouts": R, "nodes": len(nodes), "continuations": 0, "tokens": sum(len(c) for c in base)}
+        if not nodes:
+            return [], rollouts, stats
+        by_r: dict[int, list[int]] = {}
+        for r, t in nodes:
+            by_r.setdefault(r, []).append(t)
+        rs = sorted(by_r)
+        s_logits = self.backend.logits([seqs[r] for r in rs], [[plen + t for t in by_r[r]] for r in rs])
+        z_of: dict[tuple[int, int], torch.Tensor] = {}
+        for r, zz in zip(rs, s_logits):
+            for t, row in zip(by_r[r], zz):
+                z_of[(r, t)] = row
+        # --- teacher logits (shared between configs with the same model and prompt)
+        zt_of: list[dict[tuple[int, int], torch.Tensor]] = []
+        cache: dict[tuple[int, tuple[int, ...]], dict] = {}
+        for ci, c in enumerate(self.configs):
+            model = self._model_of(c)
+            tp = prep.teacher_prompt_ids[ci]
+            key = (id(model), tuple(tp))
+            if key not in cache:
+                tseqs = [tp + list(base[r]) for r in rs]
+                tpos = [[len(tp) + t for t in by_r[r]] for r in rs]
+                tl = next_token_logits(model, tseqs, tpos, pad_id=self.pad_id, batch_size=st.batch_size)
+                d = {}
+                for r, zz in zip(rs, tl):
+                    for t, row in zip(by_r[r], zz):
+                        d[(r, t)] = row
+                cache[key] = d
+            zt_of.append(cache[key])
+        # --- candidates and continuation jobs
+        V = self.vocab
+        eos = set(self.eos_ids)
+        cands: dict[tuple[int, int], list[int]] = {}
+        prefixes: list[list[int]] = []
+        limits: list[int] = []
+        owners: list[tuple[tuple[int, int], int]] = []  # (node, candidate slot) of each sampled continuation
+        terminal: list[tuple[tuple[int, int], int, list[int]]] = []
+        for node in nodes:
+            r, t = node
+            y_t = int(base[r][t])
+            ids: list[int] = []
+            for j in torch.topk(z_of[node], k=min(st.top_k, V)).indices.tolist():
+                if j not in ids:
+                    ids.append(int(j))
+            if st.teacher_top_k > 0:
+                for ci in range(len(self.configs)):
+                    for j in torch.topk(zt_of[ci][node], k=min(st.teacher_top_k, V)).indices.tolist():
+                        if j not in ids:
+                            ids.append(int(j))
+            if y_t not in ids:
+                ids.append(y_t)
+            cands[node] = ids
+            for slot, j in enumerate(ids):
+                done_prefix = list(base[r][:t]) + [j]
+                if j in eos or t + 1 >= T:
+                    terminal.append((node, slot, done_prefix))
+                    continue
+                for _ in range(st.rollouts_per_branch):
+                    prefixes.append(prep.prompt_ids + done_prefix)
+                    limits.append(T - (t + 1))
+                    owners.append((node, slot))
+        conts = self.backend.sample(prefixes, limits, gen) if prefixes else []
+        stats["continuations"] = len(conts)
+        stats["tokens"] += sum(len(c) for c in conts)
+        # --- score every completion of this prompt in one batched pass
+        full: list[list[int]] = []
+        for (node, slot), cont in zip(owners, conts):
+            r, t = node
+            full.append(list(base[r][:t]) + [cands[node][slot]] + list(cont))
+        full.extend(p for _, _, p in terminal)
+        rewards = self.score(prep, full) if full else []
+        sums: dict[tuple[tuple[int, int], int], float] = {}
+        counts: dict[tuple[tuple[int, int], int], int] = {}
+        for k, rew in zip(owners + [(n, s) for n, s, _ in terminal], rewards):
+            sums[k] = sums.get(k, 0.0) + rew
+            counts[k] = counts.get(k, 0) + 1
+        if st.reuse_base_rollout:
+            for node in nodes:
+                r, t = node
+                slot = cands[node].index(int(base[r][t]))
+                k = (node, slot)
+                if int(base[r][t]) in eos or t + 1 >= T:
+                    continue  # terminal: already exact
+                sums[k] = sums.get(k, 0.0) + base_rewards[r]
+                counts[k] = counts.get(k, 0) + 1
+        # --- per-node scores
+        records: list[dict] = []
+        for node in nodes:
+            r, t = node
+            ids = cands[node]
+            n_j = [counts.get((node, s), 0) for s in range(len(ids))]
+            s_j = [sums.get((node, s), 0.0) / max(n, 1) for s, n in enumerate(n_j)]
+            cand_t = torch.as_tensor(ids, dtype=torch.long)
+            ns = score_node(
+                z_of[node],
+                [zt_of[ci][node] for ci in range(len(self.configs))],
+                [c.divergence for c in self.configs],
+                cand_t,
+                torch.as_tensor(s_j, dtype=torch.float64),
+                int(base[r][t]),
+                temperature=st.temperature,
+                teacher_temperatures=[c.temperature for c in self.configs],
+                betas=[c.beta for c in self.configs],
+                top_ks=[c.top_k for c in self.configs],
+                tail=st.tail,
+                eps=st.degenerate_eps,
+            )
+            p_c = torch.softmax(z_of[node].double() / st.temperature, -1)[cand_t].tolist()
+            y_t = int(base[r][t])
+            common = {
+                "prompt_index": prep.index,
+                "rollout_index": r,
+                "position": t,
+                "token_id": y_t,
+                "token": self.tokenizer.decode([y_t]),
+                "rollout_reward": base_rewards[r],
+                "rollout_correct": bool(base_rewards[r] >= st.correct_threshold),
+                "window": window_index(t),
+                "student_entropy": ns.student_entropy,
+                "covered_mass": ns.covered_mass,
+                "value": ns.value,
+                "candidate_ids": list(ids),
+                "candidate_probs": p_c,
+                "candidate_success": s_j,
+                "candidate_rollouts": n_j,
+            }
+            for c, cs in zip(self.configs, ns.configs):
+                records.append(
+                    {
+                        **common,
+                        "config": c.name,
+                        "alignment": cs.alignment,
+                        "inner": cs.inner,
+                        "teacher_advantage": cs.teacher_advantage,
+                        "kl_reverse": cs.kl_reverse,
+                        "kl_forward": cs.kl_forward,
+                        "js": cs.js,
+                        "teacher_entropy": cs.teacher_entropy,
+                        "degenerate": cs.degenerate,
+                    }
+                )
+        return records, rollouts, stats
+
+    # ---------------------------------------------------------------------------------------------------- all prompts
+    def run(
+        self,
+        examples: Any,
+        indices: Sequence[int] | None = None,
+        *,
+        progress: bool = False,
+        meta: dict | None = None,
+    ) -> AlignmentReport:
+        """Score every example; returns an :class:`AlignmentReport`."""
+        t0 = time.perf_counter()
+        prepared = self.prepare(examples, indices)
+        records: list[dict] = []
+        rollouts: list[dict] = []
+        totals = {"rollouts": 0, "nodes": 0, "continuations": 0, "tokens": 0}
+        it: Iterable[_Prepared] = prepared
+        bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(prepared, desc="opd diagnose", unit="prompt")
+                it = bar
+            except ImportError:  # pragma: no cover
+                pass
+        was_training = self.student.training
+        self.student.eval()
+        teachers = {id(self._model_of(c)): self._model_of(c) for c in self.configs}
+        teacher_modes = {k: m.training for k, m in teachers.items()}
+        for m in teachers.values():
+            m.eval()
+        try:
+            for prep in it:
+                rec, rol, stats = self.run_prompt(prep)
+                records.extend(rec)
+                rollouts.extend(rol)
+                for k in totals:
+                    totals[k] += stats[k]
+        finally:
+            if bar is not None:
+                bar.close()
+            for k, m in teachers.items():
+                m.train(teacher_modes[k])
+            self.student.train(was_training)
+        info = {
+            "settings": _settings_dict(self.settings),
+            "configs": [
+                {
+                    "name": c.name,
+                    "teacher": c.teacher.kind,
+                    "template": getattr(c.teacher, "template", None),
+                    "divergence": c.divergence_name,
+                    "beta": c.beta,
+                    "temperature": c.temperature,
+                    "top_k": c.top_k,
+                }
+                for c in self.configs
+            ],
+            "seconds": time.perf_counter() - t0,
+            **totals,
+            **(meta or {}),
+        }
+        return AlignmentReport(records, rollouts, meta=info)
+
+
+def _settings_dict(s: RolloutSettings) -> dict:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(s).items()}
+
+
+def diagnose(
+    student: torch.nn.Module,
+    tokenizer: Any,
+    examples: Any,
+    *,
+    reward_fn: RewardFn,
+    configs: Sequence[TeacherConfig],
+    settings: RolloutSettings | None = None,
+    backend: RolloutBackend | None = None,
+    progress: bool = True,
+) -> AlignmentReport:
+    """Run the gradient-alignment diagnostic on a student, training-free.
+
+    For each example, sample ``settings.num_rollouts`` completions from the student, pick nodes on each, force every
+    candidate token there and continue ``rollouts_per_branch`` times, score with ``reward_fn``, estimate the ideal
+    logit gradient, and compute the cosine of each configuration's distillation direction with it.
+
+    Args:
+        student: a ``transformers`` causal LM (any device). Its mode is restored afterwards; no gradient is left.
+        tokenizer: the student's tokenizer.
+        examples: a list of dicts (or a ``datasets.Dataset``), each with ``"prompt"`` (a string, or chat messages)
+            and any other fields (passed to ``reward_fn`` as columns and to ``ContextTeacher`` templates).
+        reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float]`` (TRL signature); rewards in [0, 1].
+        configs: the teacher configurations to score side by side.
+        settings: :class:`RolloutSettings`.
+        backend: a custom rollout engine for the student.
+        progress: show a tqdm bar over prompts.
+
+    Returns:
+        :class:`AlignmentReport` with ``records`` (one row per node and configuration), ``rollouts`` and
+        ``summary()``.
+
+    Raises:
+        ValueError / TypeError: bad input, before any rollout (empty examples, vocabulary mismatch, missing template
+            field, bad settings, unknown divergence).
+        RewardFunctionError: ``reward_fn`` raised or returned the wrong length / NaN (checked on the first base
+            rollouts, before any targeted rollout).
+    """
+    engine = AlignmentEngine(student, tokenizer, configs, reward_fn, settings, backend)
+    return engine.run(examples, progress=progress)

@@ -1,0 +1,289 @@
+"""``AlignmentReport``: per-token records, rollouts, and the statistics users look at (method.md §6).
+
+Confidence intervals come from a bootstrap that resamples **questions** (prompts): nodes of one question are not
+independent. Degenerate nodes (``|g|`` or ``|d|`` below eps) are counted but excluded from alignment statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["AlignmentReport", "bootstrap_mean_ci", "RECORD_COLUMNS", "ROLLOUT_COLUMNS"]
+
+RECORD_COLUMNS = [
+    "prompt_index",
+    "rollout_index",
+    "position",
+    "token_id",
+    "token",
+    "rollout_reward",
+    "rollout_correct",
+    "window",
+    "student_entropy",
+    "covered_mass",
+    "value",
+    "candidate_ids",
+    "candidate_probs",
+    "candidate_success",
+    "candidate_rollouts",
+    "config",
+    "alignment",
+    "inner",
+    "teacher_advantage",
+    "kl_reverse",
+    "kl_forward",
+    "js",
+    "teacher_entropy",
+    "degenerate",
+]
+ROLLOUT_COLUMNS = ["prompt_index", "rollout_index", "prompt", "completion", "completion_ids", "reward", "correct"]
+
+SUBSETS = ("all", "correct", "incorrect")
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray,
+    groups: np.ndarray,
+    *,
+    samples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile CI of the node-level mean when whole groups (questions) are resampled with replacement."""
+    values = np.asarray(values, dtype=np.float64)
+    groups = np.asarray(groups)
+    if values.size == 0 or samples <= 0:
+        return float("nan"), float("nan")
+    uniq, inv = np.unique(groups, return_inverse=True)
+    q = len(uniq)
+    sums = np.bincount(inv, weights=values, minlength=q)
+    counts = np.bincount(inv, minlength=q).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(q, np.full(q, 1.0 / q), size=samples).astype(np.float64)
+    den = w @ counts
+    ok = den > 0
+    means = (w[ok] @ sums) / den[ok]
+    if means.size == 0:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = np.quantile(means, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def _nan(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+class AlignmentReport:
+    """The result of a diagnostic.
+
+    Attributes:
+        records: ``pandas.DataFrame``, one row per (node, configuration); columns :data:`RECORD_COLUMNS` (plus
+            ``step`` when read from a training run). ``alignment`` is NaN where ``degenerate``.
+        rollouts: ``pandas.DataFrame``, one row per base rollout; columns :data:`ROLLOUT_COLUMNS`.
+        meta: settings, configurations, cost counters (``rollouts``, ``nodes``, ``continuations``, ``tokens``,
+            ``seconds``).
+    """
+
+    def __init__(self, records: Any, rollouts: Any, meta: dict | None = None) -> None:
+        self.records = records if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records), columns=None)
+        if self.records.empty:
+            self.records = pd.DataFrame(columns=RECORD_COLUMNS)
+        self.rollouts = rollouts if isinstance(rollouts, pd.DataFrame) else pd.DataFrame(list(rollouts))
+        if self.rollouts.empty:
+            self.rollouts = pd.DataFrame(columns=ROLLOUT_COLUMNS)
+        self.meta = dict(meta or {})
+
+    # ------------------------------------------------------------------------------------------------ basics
+    @property
+    def configs(self) -> list[str]:
+        names = [c["name"] for c in self.meta.get("configs", [])]
+        for n in self.records.get("config", pd.Series(dtype=object)).unique().tolist():
+            if n not in names:
+                names.append(n)
+        return names
+
+    @property
+    def success_rate(self) -> float:
+        if self.rollouts.empty:
+            return float("nan")
+        return float(self.rollouts["correct"].astype(float).mean())
+
+    def __repr__(self) -> str:
+        return (
+            f"AlignmentReport(configs={self.configs}, nodes={self.n_nodes}, rollouts={len(self.rollouts)}, "
+            f"success_rate={self.success_rate:.3f})"
+        )
+
+    @property
+    def n_nodes(self) -> int:
+        if self.records.empty:
+            return 0
+        return int(self.records.drop_duplicates(["prompt_index", "rollout_index", "position"]).shape[0])
+
+    def _settings(self) -> dict:
+        return self.meta.get("settings", {})
+
+    def _subset(self, df: pd.DataFrame, subset: str) -> pd.DataFrame:
+        if subset == "all":
+            return df
+        want = subset == "correct"
+        return df[df["rollout_correct"].astype(bool) == want]
+
+    # ------------------------------------------------------------------------------------------------ statistics
+    def stats(self, df: pd.DataFrame) -> dict:
+        """Alignment statistics of a set of (node, config) rows of one configuration."""
+        s = self._settings()
+        n = len(df)
+        deg = df["degenerate"].astype(bool).to_numpy() if n else np.zeros(0, bool)
+        valid = df[~deg] if n else df
+        a = valid["alignment"].to_numpy(dtype=np.float64) if len(valid) else np.zeros(0)
+        lo, hi = bootstrap_mean_ci(
+            a,
+            valid["prompt_index"].to_numpy() if len(valid) else np.zeros(0),
+            samples=int(s.get("bootstrap_samples", 1000)),
+            level=float(s.get("ci_level", 0.95)),
+            seed=int(s.get("seed", 0)),
+        )
+        return {
+            "n_nodes": int(n),
+            "n_valid": int(len(valid)),
+            "n_questions": int(df["prompt_index"].nunique()) if n else 0,
+            "alignment_mean": float(a.mean()) if a.size else float("nan"),
+            "alignment_median": float(np.median(a)) if a.size else float("nan"),
+            "ci_low": lo,
+            "ci_high": hi,
+            "positive_fraction": float((a > 0).mean()) if a.size else float("nan"),
+            "degenerate_fraction": float(deg.mean()) if n else float("nan"),
+            "teacher_advantage": float(df["teacher_advantage"].astype(float).mean()) if n else float("nan"),
+            "inner_mean": float(valid["inner"].astype(float).mean()) if len(valid) else float("nan"),
+        }
+
+    def summary(self) -> pd.DataFrame:
+        """Per configuration x {all, correct, incorrect}: mean/median alignment with a question-bootstrap CI,
+        positive fraction, degenerate fraction, mean teacher advantage, node and question counts."""
+        rows = []
+        for name in self.configs:
+            df = self.records[self.records["config"] == name]
+            for subset in SUBSETS:
+                rows.append({"config": name, "subset": subset, **self.stats(self._subset(df, subset))})
+        return pd.DataFrame(rows)
+
+    def config_summary(self) -> list[dict]:
+        """One object per configuration (the content of ``summary.json``)."""
+        summ = self.summary()
+        out = []
+        for name in self.configs:
+            part = summ[summ["config"] == name].set_index("subset")
+            al, co, inc = part.loc["all"], part.loc["correct"], part.loc["incorrect"]
+            out.append(
+                {
+                    "config": name,
+                    "alignment_mean": _nan(al["alignment_mean"]),
+                    "alignment_median": _nan(al["alignment_median"]),
+                    "alignment_correct": _nan(co["alignment_mean"]),
+                    "alignment_incorrect": _nan(inc["alignment_mean"]),
+                    "ci_low": _nan(al["ci_low"]),
+                    "ci_high": _nan(al["ci_high"]),
+                    "ci_correct": [_nan(co["ci_low"]), _nan(co["ci_high"])],
+                    "ci_incorrect": [_nan(inc["ci_low"]), _nan(inc["ci_high"])],
+                    "positive_fraction": _nan(al["positive_fraction"]),
+                    "degenerate_fraction": _nan(al["degenerate_fraction"]),
+                    "degenerate_fraction_correct": _nan(co["degenerate_fraction"]),
+                    "degenerate_fraction_incorrect": _nan(inc["degenerate_fraction"]),
+                    "teacher_advantage": _nan(al["teacher_advantage"]),
+                    "n_nodes": int(al["n_nodes"]),
+                    "n_nodes_correct": int(co["n_nodes"]),
+                    "n_nodes_incorrect": int(inc["n_nodes"]),
+                    "n_questions": int(al["n_questions"]),
+                }
+            )
+        return out
+
+    def ranking(self, metric: str = "alignment_mean") -> pd.DataFrame:
+        """Configurations sorted by a :meth:`config_summary` metric (best first)."""
+        df = pd.DataFrame(self.config_summary())
+        if df.empty:
+            return df
+        return df.sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
+
+    def format_table(self) -> str:
+        """A plain-text table of :meth:`config_summary`, for terminals."""
+        rows = self.config_summary()
+        head = f"{'config':<22} {'align':>7} {'95% CI':>17} {'correct':>8} {'incorr.':>8} {'pos%':>6} {'degen%':>7} {'A_T':>8} {'nodes':>6}"
+        lines = [head, "-" * len(head)]
+
+        def f(x, w=7, p=3):
+            return f"{'nan':>{w}}" if x is None else f"{x:>{w}.{p}f}"
+
+        for r in rows:
+            ci = "[nan, nan]" if r["ci_low"] is None else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            pos = None if r["positive_fraction"] is None else 100 * r["positive_fraction"]
+            deg = None if r["degenerate_fraction"] is None else 100 * r["degenerate_fraction"]
+            lines.append(
+                f"{r['config']:<22} {f(r['alignment_mean'])} {ci:>17} {f(r['alignment_correct'], 8)} "
+                f"{f(r['alignment_incorrect'], 8)} {f(pos, 6, 1)} {f(deg, 7, 1)} {f(r['teacher_advantage'], 8)} "
+                f"{r['n_nodes']:>6}"
+            )
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------------------ io
+    def save(self, path: str | Path) -> Path:
+        """Write ``records.parquet``, ``rollouts.parquet``, ``summary.json`` and ``meta.json`` into directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.records.to_parquet(path / "records.parquet", index=False)
+        self.rollouts.to_parquet(path / "rollouts.parquet", index=False)
+        (path / "summary.json").write_text(json.dumps(self.config_summary(), indent=2))
+        (path / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AlignmentReport":
+        """Read a directory written by :meth:`save`, or a directory of such directories (e.g. the callback's
+        ``<output_dir>/opd_alignment/``: one sub-directory per diagnostic, concatenated with a ``step`` column)."""
+        path = Path(path)
+        if (path / "records.parquet").exists():
+            rec = pd.read_parquet(path / "records.parquet")
+            rol = pd.read_parquet(path / "rollouts.parquet") if (path / "rollouts.parquet").exists() else None
+            meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+            return cls(rec, rol if rol is not None else [], meta)
+        subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "records.parquet").exists()) if path.is_dir() else []
+        if not subs:
+            raise FileNotFoundError(f"no records.parquet in {path} or its sub-directories")
+        return cls.concat([cls.load(p) for p in subs])
+
+    @classmethod
+    def concat(cls, reports: Sequence["AlignmentReport"]) -> "AlignmentReport":
+        """Concatenate reports (e.g. several diagnostics of one run, or one per process). Meta of the first is kept;
+        cost counters are summed."""
+        reports = list(reports)
+        if not reports:
+            return cls([], [], {})
+        rec = pd.concat([r.records for r in reports if not r.records.empty] or [reports[0].records], ignore_index=True)
+        rol = pd.concat([r.rollouts for r in reports if not r.rollouts.empty] or [reports[0].rollouts], ignore_index=True)
+        meta = dict(reports[0].meta)
+        for k in ("rollouts", "nodes", "continuations", "tokens", "seconds"):
+            vals = [r.meta.get(k) for r in reports if isinstance(r.meta.get(k), (int, float))]
+            if vals:
+                meta[k] = sum(vals)
+        return cls(rec, rol, meta)
+
+    def filter(self, **equals: Any) -> "AlignmentReport":
+        """Rows whose columns equal the given values (``report.filter(step=100)``); rollouts filtered likewise where
+        the column exists."""
+        rec, rol = self.records, self.rollouts
+        for k, v in equals.items():
+            rec = rec[rec[k] == v]
+            if k in rol.columns:
+                rol = rol[rol[k] == v]
+        return AlignmentReport(rec.reset_index(drop=True), rol.reset_index(drop=True), self.meta)
+
+    def to_dict_rows(self) -> Iterable[dict]:
+        return self.records.to_dict("records")

@@ -1,0 +1,245 @@
+"""The rollout layer: exact ancestral sampling and next-token logits, behind a small interface.
+
+The estimator needs two things from a model: (1) *sample continuations of these prefixes* from exactly
+``softmax(z/tau)`` (no top-k/top-p/min-p, no repetition penalty, whatever ``generation_config`` says), and (2) *the
+next-token logits at these positions of these sequences*. :class:`RolloutBackend` is that interface;
+:class:`TransformersBackend` implements it with a plain KV-cached sampling loop over any ``transformers`` causal LM on any
+device. A faster engine (vLLM, a prefix-sharing engine) can replace it by implementing the same two methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["RolloutBackend", "TransformersBackend", "eos_token_ids", "next_token_logits"]
+
+
+def eos_token_ids(model: torch.nn.Module | None, tokenizer=None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's ``generation_config.eos_token_id``."""
+    ids: list[int] = []
+
+    def add(x) -> None:
+        if x is None:
+            return
+        if isinstance(x, Iterable) and not isinstance(x, (str, bytes)):
+            for y in x:
+                add(y)
+        else:
+            if int(x) not in ids:
+                ids.append(int(x))
+
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+    if model is not None:
+        gc = getattr(model, "generation_config", None)
+        add(getattr(gc, "eos_token_id", None))
+        if not ids:
+            add(getattr(getattr(model, "config", None), "eos_token_id", None))
+    return ids
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def next_token_logits(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """Logits predicting token ``seq[i]`` for each ``i`` in ``positions[k]`` (i.e. the model output at ``i - 1``).
+
+    Returns one float32 CPU tensor ``[len(positions[k]), V]`` per sequence. Only the requested rows are projected to
+    the vocabulary when the model supports ``logits_to_keep`` (all transformers causal LMs do); otherwise all rows are.
+    """
+    device = _device_of(model)
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda k: len(sequences[k]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        seqs = [sequences[k] for k in chunk]
+        for k in chunk:
+            for i in positions[k]:
+                if not 1 <= i <= len(sequences[k]):
+                    raise IndexError(f"position {i} out of range for a sequence of length {len(sequences[k])}")
+        ids, mask = _left_pad(seqs, pad_id, device)
+        pos_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        width = ids.shape[1]
+        # rows needed: output index (i - 1) in the unpadded sequence -> padded index width - len + i - 1
+        rows = [[width - len(s) + i - 1 for i in positions[k]] for s, k in zip(seqs, chunk)]
+        first = min((r for rr in rows for r in rr), default=width - 1)
+        keep = width - first
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, logits_to_keep=keep, use_cache=False).logits
+            offset = width - logits.shape[1]
+        except TypeError:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, use_cache=False).logits
+            offset = 0
+        for b, k in enumerate(chunk):
+            idx = torch.as_tensor([r - offset for r in rows[b]], dtype=torch.long, device=logits.device)
+            out[k] = logits[b].index_select(0, idx).float().cpu()
+    return out  # type: ignore[return-value]
+
+
+class RolloutBackend(ABC):
+    """Generate continuations for prefixes, and report next-token logits. Implement both to plug in an engine."""
+
+    @abstractmethod
+    def sample(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        generator: torch.Generator,
+    ) -> list[list[int]]:
+        """For each prefix (token ids), sample up to ``max_new_tokens[i]`` new tokens from the student at its
+        temperature with no truncation. A row stops after an EOS token (included in the result)."""
+
+    @abstractmethod
+    def logits(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Student logits predicting ``seq[i]`` for each ``i`` in ``positions[k]``: ``[len(positions[k]), V]``."""
+
+
+class TransformersBackend(RolloutBackend):
+    """Exact ancestral sampling with a KV cache over any ``transformers`` causal LM.
+
+    Ignores ``generation_config`` entirely (its ``top_k``/``top_p``/penalties would change the distribution the
+    formulas assume). Rows that finished are dropped from the batch (their cache rows are compacted away).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        temperature: float = 1.0,
+        batch_size: int = 64,
+    ) -> None:
+        self.model = model
+        self.eos_ids = list(eos_ids)
+        self.pad_id = int(pad_id)
+        self.temperature = float(temperature)
+        self.batch_size = int(batch_size)
+        self.tokens_generated = 0
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.model)
+
+    def logits(self, sequences, positions):
+        return next_token_logits(self.model, sequences, positions, pad_id=self.pad_id, batch_size=self.batch_size)
+
+    def _draw(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if probs.device != generator.device:
+            probs = probs.to(generator.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    @torch.no_grad()
+    def sample(self, prefixes, max_new_tokens, generator):
+        n = len(prefixes)
+        if isinstance(max_new_tokens, int):
+            max_new_tokens = [max_new_tokens] * n
+        results: list[list[int]] = [[] for _ in range(n)]
+        order = sorted(range(n), key=lambda k: len(prefixes[k]))
+        for start in range(0, n, self.batch_size):
+            chunk = [k for k in order[start : start + self.batch_size] if max_new_tokens[k] > 0]
+            if chunk:
+                self._sample_batch(chunk, prefixes, max_new_tokens, generator, results)
+        return results
+
+    def _sample_batch(self, chunk, prefixes, max_new_tokens, generator, results) -> None:
+        device = self.device
+        eos = torch.as_tensor(self.eos_ids or [-1], device=device)
+        ids, mask = _left_pad([prefixes[k] for k in chunk], self.pad_id, device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = _out_cache(out)
+        cache_kw = _cache_kwarg(self.model)
+        logits = out.logits[:, -1]
+        rows = torch.as_tensor(chunk, device=device)  # which result each batch row fills
+        limits = torch.as_tensor([max_new_tokens[k] for k in chunk], device=device)
+        next_pos = pos[:, -1] + 1
+        step = 0
+        while True:
+            tok = self._draw(logits, generator).to(device)
+            step += 1
+            tok_list = tok.tolist()
+            for r, t in zip(rows.tolist(), tok_list):
+                results[r].append(t)
+            self.tokens_generated += len(tok_list)
+            done = torch.isin(tok, eos) | (limits <= step)
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                rows, limits, tok, next_pos, mask = rows[keep], limits[keep], tok[keep], next_pos[keep], mask[keep]
+                _select_cache_rows(cache, keep)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model(
+                input_ids=tok[:, None],
+                attention_mask=mask,
+                position_ids=next_pos[:, None],
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            cache = _out_cache(out)
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    base = model
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        base = get_base()
+    try:
+        params = inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else out.past_key_values
+
+
+def _select_cache_rows(cache, keep: torch.Tensor) -> None:
+    """Keep only batch rows ``keep`` of a transformers cache, in place."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(keep)
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if t is not None:
+                    setattr(layer, name, t.index_select(0, keep.to(t.device)))
+        return
+    raise TypeError(f"cannot compact a cache of type {type(cache).__name__}")
