@@ -12,7 +12,7 @@ distribution to ``C``. This module imports neither TRL nor wandb.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -96,6 +96,13 @@ class ConfigScore:
     js: float
     teacher_entropy: float
     degenerate: bool
+    # norms of g and d in the scored space (with ``inner`` they give rollout-level cosines: the oracle mask gain)
+    g_norm: float = float("nan")
+    d_norm: float = float("nan")
+    # the direction d itself (same space as ``NodeScore.g``), for parameter-space scoring; not recorded
+    d: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # set only when ``alignment`` was replaced by a parameter-space cosine: the logit-space one
+    alignment_logits: float | None = None
 
 
 @dataclass
@@ -105,6 +112,8 @@ class NodeScore:
     student_entropy: float
     g: torch.Tensor
     configs: list[ConfigScore]
+    # token ids of the entries of ``g`` / ``d`` under ``tail="renormalize"`` (None: the full vocabulary)
+    support: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def _kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
@@ -160,6 +169,7 @@ def score_node(
         p_space = p_full
         sampled_space = torch.tensor(int(sampled_token))
     out: list[ConfigScore] = []
+    g_norm = float(g.norm())
     for c in range(n):
         zt = teacher_logits[c].detach().to(torch.float64).cpu()
         zt_space = zt[cand] if tail == "renormalize" else zt
@@ -188,8 +198,16 @@ def score_node(
                 js=_js(lp_space_c, lq_space),
                 teacher_entropy=float(entropy(F.log_softmax(zt / tau_c, dim=-1))),
                 degenerate=degenerate,
+                g_norm=g_norm,
+                d_norm=float(d.to(torch.float64).norm()),
+                d=d,
             )
         )
     return NodeScore(
-        value=value, covered_mass=covered, student_entropy=float(entropy(lp_full)), g=g, configs=out
+        value=value,
+        covered_mass=covered,
+        student_entropy=float(entropy(lp_full)),
+        g=g,
+        configs=out,
+        support=cand if tail == "renormalize" else None,
     )

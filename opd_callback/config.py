@@ -146,6 +146,18 @@ class RolloutSettings:
     top_k: int = field(default=4, metadata={"help": "Student top-k candidates per node (>= vocab size: every token)."})
     teacher_top_k: int = field(default=2, metadata={"help": "Each teacher's top-k added to the candidates (0 allowed)."})
     rollouts_per_branch: int = field(default=8, metadata={"help": "Continuations sampled per forced candidate."})
+    adaptive: bool = field(
+        default=False,
+        metadata={
+            "help": "Adaptive allocation: a first round of adaptive_initial continuations per candidate, stop saturated "
+            "nodes, then spend the rest of the node's budget with n_j proportional to P_j * sigma_j (Neyman)."
+        },
+    )
+    adaptive_initial: int = field(default=2, metadata={"help": "Adaptive: first-round continuations per candidate."})
+    budget: int | None = field(
+        default=None,
+        metadata={"help": "Adaptive: continuations per node (default rollouts_per_branch x live candidates)."},
+    )
     reuse_base_rollout: bool = field(
         default=True, metadata={"help": "Count the base rollout as one free sample of its own token's success."}
     )
@@ -154,11 +166,37 @@ class RolloutSettings:
     )
     correct_threshold: float = field(default=0.5, metadata={"help": "A rollout is correct when reward >= this."})
     batch_size: int = field(default=64, metadata={"help": "Sequences per forward pass when sampling/scoring."})
+    prefix_cache: bool = field(
+        default=True,
+        metadata={"help": "Reuse the base rollout's KV cache for every node prefix instead of re-encoding it."},
+    )
     reward_batch_size: int = field(default=512, metadata={"help": "Completions per reward_fn call."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice (per prompt: seed and prompt index)."})
     degenerate_eps: float = field(default=1e-9, metadata={"help": "A node is degenerate when |g| or |d| < this."})
     bootstrap_samples: int = field(default=1000, metadata={"help": "Question-bootstrap resamples for CIs."})
     ci_level: float = field(default=0.95, metadata={"help": "Confidence level of bootstrap intervals."})
+    space: Literal["logits", "params"] = field(
+        default="logits",
+        metadata={
+            "help": "Where the cosine is taken: 'logits' (the node's logit vector) or 'params' (cos(J^T g, J^T d) over "
+            "the parameters chosen by param_filter; one batched backward pass per node)."
+        },
+    )
+    param_filter: str | None = field(
+        default=None,
+        metadata={
+            "help": "space='params': which parameters. None or 'trainable': every trainable one (requires_grad); 'all'; 'lora' "
+            "(peft adapters); 'lm_head' (output embedding); 'last:N' (last N transformer blocks); 're:REGEX' (names "
+            "matching). From Python also a list of parameter names or a callable name -> bool."
+        },
+    )
+    projection_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "space='params': project parameter-space vectors to this many dimensions with a seeded sparse "
+            "random projection (count sketch) instead of exact inner products."
+        },
+    )
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -182,9 +220,38 @@ class RolloutSettings:
             need(all(int(p) >= 0 for p in self.positions or []), "positions must be >= 0")
         need(isinstance(self.top_k, int) and self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         need(self.teacher_top_k >= 0, f"teacher_top_k must be >= 0, got {self.teacher_top_k}")
+        need(self.adaptive_initial >= 1, f"adaptive_initial must be >= 1, got {self.adaptive_initial}")
+        need(self.budget is None or self.budget >= 1, f"budget must be >= 1 or None, got {self.budget}")
         need(self.rollouts_per_branch >= 1, f"rollouts_per_branch must be >= 1, got {self.rollouts_per_branch}")
         need(self.tail in ("impute", "renormalize"), f"tail must be 'impute' or 'renormalize', got {self.tail!r}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.reward_batch_size >= 1, f"reward_batch_size must be >= 1, got {self.reward_batch_size}")
         need(0 < self.ci_level < 1, f"ci_level must be in (0, 1), got {self.ci_level}")
         need(self.bootstrap_samples >= 0, f"bootstrap_samples must be >= 0, got {self.bootstrap_samples}")
+        need(self.space in ("logits", "params"), f"space must be 'logits' or 'params', got {self.space!r}")
+        need(
+            self.projection_dim is None or (isinstance(self.projection_dim, int) and self.projection_dim >= 1),
+            f"projection_dim must be a positive int or None, got {self.projection_dim!r}",
+        )
+        f = self.param_filter
+        if f is not None and not callable(f):
+            if isinstance(f, str):
+                ok = f in ("all", "lora", "lm_head", "trainable") or f.startswith("re:")
+                if f.startswith("last:"):
+                    n = f[5:]
+                    ok = n.isdigit() and int(n) >= 1
+                need(
+                    ok,
+                    f"param_filter {f!r} is not understood: use 'all', 'lora', 'lm_head', 'last:N' (N >= 1), "
+                    "'re:REGEX', a list of parameter names or a callable name -> bool",
+                )
+            else:
+                need(
+                    isinstance(f, (list, tuple)) and len(f) > 0 and all(isinstance(x, str) for x in f),
+                    f"param_filter must be a string, a non-empty list of parameter names or a callable, got {f!r}",
+                )
+        if self.space == "logits":
+            need(
+                f is None and self.projection_dim is None,
+                "param_filter and projection_dim apply to space='params'; set space='params' or drop them",
+            )

@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -83,7 +84,7 @@ def _last_user_index(messages: list[dict]) -> int:
 def _check_reward(out: Any, n: int, name: str) -> list[float]:
     try:
         vals = [float("nan") if v is None else float(v) for v in out]
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise RewardFunctionError(
             f"reward function {name} returned {type(out).__name__}; it must return a list of {n} floats "
             "(one per completion)"
@@ -98,6 +99,12 @@ def _check_reward(out: Any, n: int, name: str) -> list[float]:
         raise RewardFunctionError(
             f"reward function {name} returned a non-finite reward (NaN/inf/None) for {len(bad)} of {n} completions "
             f"(first at index {bad[0]}); return a finite float for every completion, e.g. 0.0 for an unparseable one"
+        )
+    if any(v < 0.0 or v > 1.0 for v in vals):
+        warnings.warn(
+            f"reward function {name} returned rewards outside [0, 1]; S_j is then a mean reward rather than a success "
+            "probability (alignment is unaffected by the scale, but correct_threshold applies to these values)",
+            stacklevel=3,
         )
     return vals
 
@@ -309,6 +316,15 @@ class AlignmentEngine:
             out.extend(_check_reward(res, n, self.reward_name))
         return out
 
+    def _continue(self, seqs, branches, gen) -> list[list[int]]:
+        """Sample every branch's continuation (shared-prefix KV reuse unless ``settings.prefix_cache`` is off)."""
+        if not branches:
+            return []
+        if self.settings.prefix_cache:
+            return self.backend.sample_branches(seqs, branches, gen)
+        prefixes = [list(seqs[b][:L]) + [int(j)] for b, L, j, _ in branches]
+        return self.backend.sample(prefixes, [m for _, _, _, m in branches], gen)
+
     # ---------------------------------------------------------------------------------------------------- one prompt
     def _generator(self, index: int) -> tuple[torch.Generator, np.random.Generator]:
         seed = (int(self.settings.seed) * 1_000_003 + int(index) * 7919 + 17) % (2**63 - 1)
@@ -380,14 +396,12 @@ class AlignmentEngine:
                         d[(r, t)] = row
                 cache[key] = d
             zt_of.append(cache[key])
-        # --- candidates and continuation jobs
+        # --- candidates
         V = self.vocab
         eos = set(self.eos_ids)
         cands: dict[tuple[int, int], list[int]] = {}
-        prefixes: list[list[int]] = []
-        limits: list[int] = []
-        owners: list[tuple[tuple[int, int], int]] = []  # (node, candidate slot) of each sampled continuation
-        terminal: list[tuple[tuple[int, int], int, list[int]]] = []
+        live: list[tuple[tuple[int, int], int]] = []  # (node, slot) of candidates that need continuations
+        terminal: list[tuple[tuple[int, int], int]] = []  # EOS forced or completion limit reached: exact reward
         for node in nodes:
             r, t = node
             y_t = int(base[r][t])
@@ -404,38 +418,64 @@ class AlignmentEngine:
                 ids.append(y_t)
             cands[node] = ids
             for slot, j in enumerate(ids):
-                done_prefix = list(base[r][:t]) + [j]
-                if j in eos or t + 1 >= T:
-                    terminal.append((node, slot, done_prefix))
-                    continue
-                for _ in range(st.rollouts_per_branch):
-                    prefixes.append(prep.prompt_ids + done_prefix)
-                    limits.append(T - (t + 1))
-                    owners.append((node, slot))
-        conts = self.backend.sample(prefixes, limits, gen) if prefixes else []
-        stats["continuations"] = len(conts)
-        stats["tokens"] += sum(len(c) for c in conts)
-        # --- score every completion of this prompt in one batched pass
-        full: list[list[int]] = []
-        for (node, slot), cont in zip(owners, conts):
-            r, t = node
-            full.append(list(base[r][:t]) + [cands[node][slot]] + list(cont))
-        full.extend(p for _, _, p in terminal)
-        rewards = self.score(prep, full) if full else []
+                (terminal if (j in eos or t + 1 >= T) else live).append((node, slot))
         sums: dict[tuple[tuple[int, int], int], float] = {}
         counts: dict[tuple[tuple[int, int], int], int] = {}
-        for k, rew in zip(owners + [(n, s) for n, s, _ in terminal], rewards):
-            sums[k] = sums.get(k, 0.0) + rew
-            counts[k] = counts.get(k, 0) + 1
+        lo: dict[tuple[int, int], float] = {}  # per node: smallest and largest reward seen (saturation)
+        hi: dict[tuple[int, int], float] = {}
+
+        def add(key, rew: float) -> None:
+            sums[key] = sums.get(key, 0.0) + rew
+            counts[key] = counts.get(key, 0) + 1
+            lo[key[0]] = min(lo.get(key[0], rew), rew)
+            hi[key[0]] = max(hi.get(key[0], rew), rew)
+
+        def run(requests: list[tuple[tuple[tuple[int, int], int], int]]) -> None:
+            """Sample ``n`` continuations for each (node, slot) and score them in one batched pass."""
+            owners = [key for key, n in requests for _ in range(n)]
+            branches = [(k[0][0], plen + k[0][1], cands[k[0]][k[1]], T - (k[0][1] + 1)) for k in owners]
+            conts = self._continue(seqs, branches, gen)
+            stats["continuations"] += len(conts)
+            stats["tokens"] += sum(len(c) for c in conts)
+            full = [list(base[k[0][0]][: k[0][1]]) + [cands[k[0]][k[1]]] + list(c) for k, c in zip(owners, conts)]
+            for k, rew in zip(owners, self.score(prep, full) if full else []):
+                add(k, rew)
+
+        # exact rewards of terminal candidates, and the base rollout as a free sample of its own token
+        if terminal:
+            done = [list(base[n[0]][: n[1]]) + [cands[n][s]] for n, s in terminal]
+            for k, rew in zip(terminal, self.score(prep, done)):
+                add(k, rew)
         if st.reuse_base_rollout:
             for node in nodes:
                 r, t = node
                 slot = cands[node].index(int(base[r][t]))
-                k = (node, slot)
-                if int(base[r][t]) in eos or t + 1 >= T:
+                if (node, slot) in counts:
                     continue  # terminal: already exact
-                sums[k] = sums.get(k, 0.0) + base_rewards[r]
-                counts[k] = counts.get(k, 0) + 1
+                add((node, slot), base_rewards[r])
+        if not st.adaptive:
+            run([(key, st.rollouts_per_branch) for key in live])
+        else:
+            n0 = min(st.adaptive_initial, st.rollouts_per_branch)
+            run([(key, n0) for key in live])
+            by_node: dict[tuple[int, int], list[int]] = {}
+            for node, slot in live:
+                by_node.setdefault(node, []).append(slot)
+            extra: list[tuple[tuple[tuple[int, int], int], int]] = []
+            for node, slots in by_node.items():
+                if lo.get(node) == hi.get(node):
+                    continue  # saturated: every outcome so far is the same
+                budget = (st.budget if st.budget is not None else st.rollouts_per_branch * len(slots)) - n0 * len(slots)
+                if budget <= 0:
+                    continue
+                pz = torch.softmax(z_of[node].double() / st.temperature, -1)
+                w = []
+                for sl in slots:
+                    key = (node, sl)
+                    m = (sums.get(key, 0.0) + 0.5) / (counts.get(key, 0) + 1.0)  # smoothed mean
+                    w.append(float(pz[cands[node][sl]]) * math.sqrt(max(m * (1.0 - m), 0.0)))
+                extra.extend(((node, sl), n) for sl, n in zip(slots, _allocate(budget, w)) if n > 0)
+            run(extra)
         # --- per-node scores
         records: list[dict] = []
         for node in nodes:
@@ -458,6 +498,12 @@ class AlignmentEngine:
                 tail=st.tail,
                 eps=st.degenerate_eps,
             )
+            # ---- issue 4: parameter-space alignment (opd_callback/param_space.py) ------------------------------ begin
+            if st.space == "params":
+                from .param_space import rescore
+
+                ns = rescore(self, ns, prep.prompt_ids + list(base[r]), plen + t)
+            # ---- issue 4 ------------------------------------------------------------------------------------------ end
             p_c = torch.softmax(z_of[node].double() / st.temperature, -1)[cand_t].tolist()
             y_t = int(base[r][t])
             common = {
@@ -490,6 +536,9 @@ class AlignmentEngine:
                         "js": cs.js,
                         "teacher_entropy": cs.teacher_entropy,
                         "degenerate": cs.degenerate,
+                        "g_norm": cs.g_norm,  # issue 4: EXTRA_RECORD_COLUMNS
+                        "d_norm": cs.d_norm,
+                        **({"alignment_logits": cs.alignment_logits} if st.space == "params" else {}),
                     }
                 )
         return records, rollouts, stats
@@ -557,6 +606,19 @@ class AlignmentEngine:
             **(meta or {}),
         }
         return AlignmentReport(records, rollouts, meta=info)
+
+
+def _allocate(total: int, weights: Sequence[float]) -> list[int]:
+    """Split ``total`` integer draws proportionally to ``weights`` (largest remainder; uniform if all are 0)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0 or not np.isfinite(w).all():
+        w = np.ones_like(w)
+    share = total * w / w.sum()
+    n = np.floor(share).astype(int)
+    rest = total - int(n.sum())
+    if rest > 0:
+        n[np.argsort(-(share - n), kind="stable")[:rest]] += 1
+    return n.tolist()
 
 
 def _settings_dict(s: RolloutSettings) -> dict:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["AlignmentReport", "bootstrap_mean_ci", "RECORD_COLUMNS", "ROLLOUT_COLUMNS"]
+__all__ = ["AlignmentReport", "bootstrap_mean_ci", "RECORD_COLUMNS", "EXTRA_RECORD_COLUMNS", "ROLLOUT_COLUMNS"]
 
 RECORD_COLUMNS = [
     "prompt_index",
@@ -42,6 +42,10 @@ RECORD_COLUMNS = [
     "teacher_entropy",
     "degenerate",
 ]
+# Optional columns written by newer engines (absent from old records): per-node norms |g| and |d| in the scored space
+# (enough, with ``inner``, for the rollout-level cosines of the oracle mask gain), and in parameter space
+# (``RolloutSettings(space="params")``) the logit-space alignment of the same node for comparison.
+EXTRA_RECORD_COLUMNS = ["g_norm", "d_norm", "alignment_logits"]
 ROLLOUT_COLUMNS = ["prompt_index", "rollout_index", "prompt", "completion", "completion_ids", "reward", "correct"]
 
 SUBSETS = ("all", "correct", "incorrect")
@@ -74,6 +78,14 @@ def bootstrap_mean_ci(
     a = (1 - level) / 2
     lo, hi = np.quantile(means, [a, 1 - a])
     return float(lo), float(hi)
+
+
+def _lists(df: pd.DataFrame) -> pd.DataFrame:
+    """Parquet returns list columns as numpy arrays: turn them back into Python lists."""
+    for c in df.columns:
+        if df[c].dtype == object:
+            df[c] = df[c].map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)
+    return df
 
 
 def _nan(x: float) -> float | None:
@@ -206,12 +218,84 @@ class AlignmentReport:
             )
         return out
 
-    def ranking(self, metric: str = "alignment_mean") -> pd.DataFrame:
-        """Configurations sorted by a :meth:`config_summary` metric (best first)."""
+    def ranking(
+        self, metric: str = "alignment_mean", *, reference: str | None = None, subset: str = "all"
+    ) -> pd.DataFrame:
+        """Configurations sorted by a :meth:`config_summary` metric (best first), with paired differences.
+
+        Besides the :meth:`config_summary` columns: ``rank``, ``reference`` and, from
+        :func:`opd_callback.stats.paired_differences` on ``subset``, ``diff`` (mean of ``alignment_c - alignment_ref``
+        over the nodes where both are non-degenerate), ``diff_ci_low`` / ``diff_ci_high`` (question bootstrap),
+        ``p_value``, ``significant`` (CI excludes 0), ``win_fraction`` and ``n_paired``. The reference is
+        ``reference``, else a configuration named ``"current"``, else the best one.
+        """
         df = pd.DataFrame(self.config_summary())
         if df.empty:
             return df
-        return df.sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
+        df = df.sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
+        from . import stats
+
+        pairs = stats.paired_differences(self, reference=reference, subset=subset)
+        if len(pairs):
+            keep = ["config", "reference", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
+                    "win_fraction", "n_paired"]
+            df = df.merge(pairs[keep], on="config", how="left")
+        df.insert(0, "rank", np.arange(1, len(df) + 1))
+        return df
+
+    # ------------------------------------------------------------------------------------------------ analyses
+    # (method.md §6; implemented in opd_callback.stats)
+    def paired_differences(self, reference: str | None = None, subset: str = "all") -> pd.DataFrame:
+        """Paired differences of every configuration against a reference: see :func:`stats.paired_differences`."""
+        from . import stats
+
+        return stats.paired_differences(self, reference=reference, subset=subset)
+
+    def oracle_mask_gain(self, per_rollout: bool = False) -> pd.DataFrame:
+        """Oracle mask gain ``cos(G, D+) / cos(G, D)`` per configuration x subset (``per_rollout=True``: one row per
+        rollout and configuration). See :func:`opd_callback.stats.oracle_mask_gain`."""
+        from . import stats
+
+        return stats.oracle_mask_gain_per_rollout(self) if per_rollout else stats.oracle_mask_gain(self)
+
+    def correlations(self, proxies: Sequence[str] | None = None, by_window: bool = True) -> pd.DataFrame:
+        """Pearson / Spearman correlation of per-node alignment with KL, JS, entropies and position, per
+        configuration x subset x depth window. See :func:`opd_callback.stats.correlations`."""
+        from . import stats
+
+        return stats.correlations(self, stats.PROXIES if proxies is None else proxies, by_window=by_window)
+
+    def by_window(self) -> pd.DataFrame:
+        """:meth:`stats` per configuration x subset x exponential depth window."""
+        from . import stats
+
+        return stats.by_window(self)
+
+    def per_question(self) -> pd.DataFrame:
+        """One row per question x configuration (mean alignment, success rate, rank of the configuration on that
+        question). See :func:`opd_callback.stats.per_question`."""
+        from . import stats
+
+        return stats.per_question(self)
+
+    def question_winners(self) -> pd.DataFrame:
+        """Number of questions on which each configuration has the highest mean alignment."""
+        from . import stats
+
+        return stats.question_winners(self)
+
+    def compare(self, other: "AlignmentReport", names: tuple[str, str] = ("A", "B")) -> pd.DataFrame:
+        """This run (``names[0]``) and ``other`` (``names[1]``) side by side: ``other - self`` per configuration with
+        a question-bootstrap CI. See :func:`opd_callback.stats.compare_reports`."""
+        from . import stats
+
+        return stats.compare_reports(self, other, names)
+
+    def to_html(self, path: str | Path | None = None, **kwargs: Any) -> str:
+        """The self-contained HTML report (:func:`opd_callback.html_report.build_html`); written to ``path`` if given."""
+        from .html_report import build_html
+
+        return build_html(self, path, **kwargs)
 
     def format_table(self) -> str:
         """A plain-text table of :meth:`config_summary`, for terminals."""
@@ -250,8 +334,8 @@ class AlignmentReport:
         ``<output_dir>/opd_alignment/``: one sub-directory per diagnostic, concatenated with a ``step`` column)."""
         path = Path(path)
         if (path / "records.parquet").exists():
-            rec = pd.read_parquet(path / "records.parquet")
-            rol = pd.read_parquet(path / "rollouts.parquet") if (path / "rollouts.parquet").exists() else None
+            rec = _lists(pd.read_parquet(path / "records.parquet"))
+            rol = _lists(pd.read_parquet(path / "rollouts.parquet")) if (path / "rollouts.parquet").exists() else None
             meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
             return cls(rec, rol if rol is not None else [], meta)
         subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "records.parquet").exists()) if path.is_dir() else []

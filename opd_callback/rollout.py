@@ -119,6 +119,19 @@ class RolloutBackend(ABC):
     def logits(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Student logits predicting ``seq[i]`` for each ``i`` in ``positions[k]``: ``[len(positions[k]), V]``."""
 
+    def sample_branches(
+        self,
+        bases: Sequence[Sequence[int]],
+        branches: Sequence[tuple[int, int, int, int]],
+        generator: torch.Generator,
+    ) -> list[list[int]]:
+        """Continuations of ``bases[b][:prefix_len] + [forced]`` for ``(b, prefix_len, forced, max_new)`` branches.
+
+        The default re-encodes each prefix through :meth:`sample`; engines with prefix caching override it.
+        """
+        prefixes = [list(bases[b][:L]) + [int(j)] for b, L, j, _ in branches]
+        return self.sample(prefixes, [int(m) for _, _, _, m in branches], generator)
+
 
 class TransformersBackend(RolloutBackend):
     """Exact ancestral sampling with a KV cache over any ``transformers`` causal LM.
@@ -142,6 +155,7 @@ class TransformersBackend(RolloutBackend):
         self.temperature = float(temperature)
         self.batch_size = int(batch_size)
         self.tokens_generated = 0
+        self.prefill_tokens = 0
 
     @property
     def device(self) -> torch.device:
@@ -171,16 +185,19 @@ class TransformersBackend(RolloutBackend):
 
     def _sample_batch(self, chunk, prefixes, max_new_tokens, generator, results) -> None:
         device = self.device
-        eos = torch.as_tensor(self.eos_ids or [-1], device=device)
         ids, mask = _left_pad([prefixes[k] for k in chunk], self.pad_id, device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache = _out_cache(out)
-        cache_kw = _cache_kwarg(self.model)
-        logits = out.logits[:, -1]
-        rows = torch.as_tensor(chunk, device=device)  # which result each batch row fills
+        self.prefill_tokens += int(mask.sum())
+        rows = torch.as_tensor(chunk, device=device)
         limits = torch.as_tensor([max_new_tokens[k] for k in chunk], device=device)
-        next_pos = pos[:, -1] + 1
+        self._decode(out.logits[:, -1], _out_cache(out), mask, pos[:, -1] + 1, rows, limits, generator, results)
+
+    def _decode(self, logits, cache, mask, next_pos, rows, limits, generator, results) -> None:
+        """Sample until every row has hit EOS or its limit. ``logits`` predict each row's next token."""
+        device = self.device
+        eos = torch.as_tensor(self.eos_ids or [-1], device=device)
+        cache_kw = _cache_kwarg(self.model)
         step = 0
         while True:
             tok = self._draw(logits, generator).to(device)
@@ -192,7 +209,7 @@ class TransformersBackend(RolloutBackend):
             done = torch.isin(tok, eos) | (limits <= step)
             if bool(done.all()):
                 break
-            if bool(done.any()):
+            if bool(done.any()):  # compact: finished rows stop costing compute
                 keep = (~done).nonzero().squeeze(-1)
                 rows, limits, tok, next_pos, mask = rows[keep], limits[keep], tok[keep], next_pos[keep], mask[keep]
                 _select_cache_rows(cache, keep)
@@ -207,6 +224,90 @@ class TransformersBackend(RolloutBackend):
             cache = _out_cache(out)
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
+
+    # ------------------------------------------------------------------------------------------ shared-prefix path
+    @torch.no_grad()
+    def sample_branches(self, bases, branches, generator):
+        """Continuations of ``base[:prefix_len] + [forced]`` for many branches of a few base sequences.
+
+        One forward pass over each base sequence provides the KV cache of every prefix on it; each branch's cache is
+        a slice of it (no prefix is re-encoded). Branches of different nodes and rollouts are batched together.
+        Falls back to :meth:`sample` when the model's cache is not a plain per-layer key/value cache.
+        """
+        if not branches:
+            return []
+        device = self.device
+        ids, mask = _left_pad(bases, self.pad_id, device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self.prefill_tokens += int(mask.sum())
+        layers = _kv_layers(_out_cache(out))
+        if layers is None:
+            prefixes = [list(bases[b][:L]) + [int(j)] for b, L, j, _ in branches]
+            return self.sample(prefixes, [int(m) for _, _, _, m in branches], generator)
+        width = ids.shape[1]
+        lens = [len(b) for b in bases]
+        results: list[list[int]] = [[] for _ in branches]
+        order = sorted(range(len(branches)), key=lambda k: -branches[k][1])
+        todo = [k for k in order if branches[k][3] > 0]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            self._branch_batch(chunk, branches, layers, width, lens, generator, results)
+        return results
+
+    def _branch_batch(self, chunk, branches, layers, width, lens, generator, results) -> None:
+        from transformers import DynamicCache
+
+        device = self.device
+        B = len(chunk)
+        Ls = [int(branches[k][1]) for k in chunk]
+        lmax = max(Ls)
+        mask = torch.zeros((B, lmax + 1), dtype=torch.long, device=device)
+        # gather index: row b takes base row i_b, columns [start_b, start_b + L_b) right-aligned into [lmax-L_b, lmax)
+        base_rows = torch.as_tensor([int(branches[k][0]) for k in chunk], device=device)
+        cols = torch.arange(lmax, device=device)
+        shift = torch.as_tensor([lmax - L for L in Ls], device=device)
+        start = torch.as_tensor([width - lens[int(branches[k][0])] for k in chunk], device=device)
+        src = (start[:, None] + cols[None, :] - shift[:, None]).clamp(0, width - 1)  # [B, lmax]
+        valid = cols[None, :] >= shift[:, None]
+        mask[:, :lmax] = valid.long()
+        mask[:, lmax] = 1
+        cache = DynamicCache()
+        for li, (k, v) in enumerate(layers):
+            kk = k[base_rows]  # [B, H, W, D]
+            vv = v[base_rows]
+            idx = src[:, None, :, None].expand(B, kk.shape[1], lmax, kk.shape[3])
+            kk = torch.gather(kk, 2, idx) * valid[:, None, :, None]
+            vv = torch.gather(vv, 2, idx) * valid[:, None, :, None]
+            cache.update(kk, vv, li)
+        forced = torch.as_tensor([int(branches[k][2]) for k in chunk], device=device)
+        positions = torch.as_tensor(Ls, device=device)
+        out = self.model(
+            input_ids=forced[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            use_cache=True,
+            **{_cache_kwarg(self.model): cache},
+        )
+        rows = torch.as_tensor(chunk, device=device)
+        limits = torch.as_tensor([int(branches[k][3]) for k in chunk], device=device)
+        self._decode(out.logits[:, -1], _out_cache(out), mask, positions + 1, rows, limits, generator, results)
+
+
+def _kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer (keys, values) of a plain dynamic cache, or None when it is anything else (sliding, linear...)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    out = []
+    for layer in layers:
+        if type(layer).__name__ != "DynamicLayer" or getattr(layer, "is_sliding", False):
+            return None
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if k is None or v is None or k.dim() != 4:
+            return None
+        out.append((k, v))
+    return out
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:

@@ -1,0 +1,174 @@
+"""Benchmark: targeted-rollout throughput of the engine vs a naive baseline and vs the practical ceiling.
+
+* engine   — ``TransformersBackend.sample_branches``: one forward over each base rollout gives the KV cache of every
+             node prefix; continuations of all nodes are batched together; finished rows are compacted.
+* naive    — ``model.generate`` once per (node, candidate), full prefix re-encoded, ``num_return_sequences=n``.
+* ceiling  — plain batched ``model.generate`` of the same number of continuations from a 1-token prompt (no prefix).
+
+All three sample the same number of continuation tokens (EOS disabled so lengths are equal), measured side by side
+in one run. Usage: ``python benchmarks/bench_rollouts.py [--quick] [--device cuda --dtype bfloat16 --big]``.
+The headline ratio (engine / naive on the 20M model) is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import random_qwen2, write_result  # noqa: E402
+
+from opd_callback.rollout import TransformersBackend  # noqa: E402
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes_per_rollout, cands, n_per, max_new, min_prefix, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    usable = [i for i in range(vocab) if i != eos]
+    def rand_tokens(n):
+        idx = torch.randint(len(usable), (n,), generator=g).tolist()
+        return [usable[i] for i in idx]
+    bases = [rand_tokens(prompt_len + completion_len) for _ in range(n_rollouts)]
+    branches = []
+    lo = max(min_prefix - prompt_len, 0)
+    for b in range(n_rollouts):
+        ts = torch.linspace(lo, completion_len - 1, nodes_per_rollout).long().tolist()
+        for t in ts:
+            for j in rand_tokens(cands):
+                for _ in range(n_per):
+                    branches.append((b, prompt_len + t, j, max_new))
+    return bases, branches
+
+
+def run_engine(model, bases, branches, batch_size, device):
+    be = TransformersBackend(model, eos_ids=[], pad_id=0, batch_size=batch_size)
+    gen = torch.Generator(device=device).manual_seed(0)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = be.sample_branches(bases, branches, gen)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    return sum(len(o) for o in out), dt
+
+
+def run_naive(model, bases, branches, eos, device):
+    groups = {}
+    for b, L, j, m in branches:
+        groups[(b, L, j, m)] = groups.get((b, L, j, m), 0) + 1
+    tokens = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for (b, L, j, m), n in groups.items():
+            ids = torch.tensor([list(bases[b][:L]) + [j]], device=device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                num_return_sequences=n,
+                max_new_tokens=m,
+                min_new_tokens=m,
+                pad_token_id=eos,
+            )
+            tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
+    _sync(device)
+    return tokens, time.perf_counter() - t0
+
+
+def run_ceiling(model, n_seq, max_new, batch_size, eos, device):
+    tokens = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, n_seq, batch_size):
+            b = min(batch_size, n_seq - s)
+            ids = torch.ones((b, 1), dtype=torch.long, device=device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=1,
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                pad_token_id=eos,
+            )
+            tokens += (out.shape[1] - 1) * b
+    _sync(device)
+    return tokens, time.perf_counter() - t0
+
+
+def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats):
+    bases, branches = make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, 64)
+    prefix_lens = [L for _, L, _, _ in branches]
+    row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "continuations": len(branches),
+           "max_new_tokens": max_new, "prefix_len_min": min(prefix_lens), "prefix_len_mean": sum(prefix_lens) / len(prefix_lens),
+           "batch_size": batch_size}
+    # warm-up
+    run_engine(model, bases, branches[: batch_size], batch_size, device)
+    best = {"engine": 0.0, "naive": 0.0, "ceiling": 0.0}
+    for _ in range(repeats):  # interleaved, best of N (shared machines are noisy)
+        tok, dt = run_engine(model, bases, branches, batch_size, device)
+        best["engine"] = max(best["engine"], tok / dt)
+        tok, dt = run_naive(model, bases, branches, eos, device)
+        best["naive"] = max(best["naive"], tok / dt)
+        tok, dt = run_ceiling(model, len(branches), max_new, batch_size, eos, device)
+        best["ceiling"] = max(best["ceiling"], tok / dt)
+    row.update({f"{k}_tokens_per_s": v for k, v in best.items()})
+    row["engine_over_naive"] = best["engine"] / best["naive"]
+    row["engine_over_ceiling"] = best["engine"] / best["ceiling"]
+    print(
+        f"{name:<28} engine {best['engine']:9.0f} tok/s | naive {best['naive']:9.0f} | ceiling {best['ceiling']:9.0f} | "
+        f"engine/naive {row['engine_over_naive']:5.2f}x | engine/ceiling {row['engine_over_ceiling']:5.1%}"
+    )
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--big", action="store_true", help="add a 0.5B-shaped random Qwen2 (GPU)")
+    p.add_argument("--no-toy", action="store_true", help="skip the toy-lab models")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    dev = args.device
+    repeats = 1 if args.quick else 3
+    work = dict(prompt_len=40, completion_len=64, n_rollouts=2, nodes=4, cands=6, n_per=8, max_new=16)
+    rows = []
+    if not args.no_toy:
+        from opd_callback import toy
+
+        lab = toy.build_lab(verbose=False)
+        tokv = len(lab.tokenizer)
+        eos = lab.tokenizer.eos_token_id
+        for nm in ("student", "strong_teacher"):
+            m = getattr(lab, nm).to(dev)
+            rows.append(bench(f"toy-lab {nm}", m, m.config.vocab_size, eos, device=dev, batch_size=192, repeats=repeats, **work))
+    m20 = random_qwen2(vocab_size=128, hidden=512, layers=6, heads=8, kv_heads=4, eos=0, dtype=dtype, device=dev)
+    rows.append(bench("random Qwen2 ~20M", m20, 128, 0, device=dev, batch_size=192, repeats=repeats, **work))
+    if args.big:
+        big = random_qwen2(vocab_size=151936, hidden=896, layers=24, heads=14, kv_heads=2, eos=0, dtype=dtype, device=dev)
+        w = dict(work, n_rollouts=4, nodes=8, completion_len=256, max_new=64)
+        rows.append(bench("random Qwen2 0.5B-shaped", big, 151936, 0, device=dev, batch_size=256, repeats=repeats, **w))
+    path = write_result("rollouts", {"device": dev, "dtype": args.dtype, "rows": rows})
+    print(f"wrote {path}")
+    head = rows[-1] if not args.big else rows[-2]
+    print(f"HEADLINE engine/naive = {head['engine_over_naive']:.2f}x, engine/ceiling = {head['engine_over_ceiling']:.0%} ({head['model']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,906 @@
+"""``GradientAlignmentCallback``: score the live teacher configuration (and alternatives) during training.
+
+Every ``every_n_steps`` optimizer steps the callback pauses training, runs the core :class:`~opd_callback.AlignmentEngine`
+on a fixed probe set with the *current* student weights, and logs how well each teacher configuration's distillation
+direction aligns with the ideal per-token gradient of the student's success. The configuration the trainer is actually
+using (named ``current``) is derived from the trainer (:mod:`opd_callback.integrations.trainers`); alternatives are
+scored in the same engine pass, on the same rollouts and nodes.
+
+Design:
+
+* **Never hurt the run.** The CPU/CUDA/numpy/Python RNG states, every parameter's ``.grad``, the grad mode, every
+  module's ``training`` flag, the tokenizer's padding/truncation side, gradient checkpointing and ``config.use_cache``
+  are saved before and restored after. The engine samples with its own generators seeded by ``(seed, prompt index)``.
+  A failure is logged with its traceback and counted (``opd/errors``); ``on_error="raise"`` re-raises.
+* **Scalars through the trainer's own logging.** After a diagnostic at step ``s`` the ``opd/...`` scalars are sent as
+  one log row through the trainer's callback handler exactly as ``Trainer.log`` does (appended to
+  ``state.log_history``, then ``on_log`` to every callback), so every ``report_to`` integration records them at ``s``
+  (wandb shows them as ``train/opd/...``). ``trainer.log()`` is not called (TRL flushes its metric buffers there),
+  and the trainer's own log rows are untouched.
+* **wandb panels** (histograms, a per-token table, an HTML heatmap) go straight to the active run on the main process,
+  each row stamped ``"train/global_step": step`` and never ``step=``.
+* **Several processes.** Probe prompts are strided over ranks by global index; records are gathered with
+  ``gather_object``; the main process saves and logs, then broadcasts the metrics and the early-stopping decision so
+  every rank takes the same one. The engine seeds each prompt by its global index, so 1 and N processes produce the
+  same records. FSDP and DeepSpeed ZeRO-3 (sharded parameters) are refused at ``on_train_begin``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .config import RolloutSettings, TeacherConfig
+from .engine import AlignmentEngine
+from .integrations.trainers import CURRENT, TrainerSpec, describe_trainer, unwrap
+from .report import AlignmentReport
+
+__all__ = [
+    "GradientAlignmentCallback",
+    "AlignmentEarlyStopping",
+    "DiagnosticError",
+    "estimate_continuations",
+    "preserved_training_state",
+]
+
+logger = logging.getLogger(__name__)
+
+EARLY_STOPPING_METRICS = {
+    "alignment": "alignment_mean",
+    "alignment_correct": "alignment_correct",
+    "alignment_incorrect": "alignment_incorrect",
+    "positive_fraction": "positive_fraction",
+    "teacher_advantage": "teacher_advantage",
+}
+_COUNTERS = ("rollouts", "nodes", "continuations", "tokens", "seconds")
+_CI_OF = {"alignment": ("ci_low", "ci_high"), "alignment_correct": "ci_correct", "alignment_incorrect": "ci_incorrect"}
+
+
+class DiagnosticError(RuntimeError):
+    """A diagnostic failed (raised only with ``on_error="raise"``)."""
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+# ====================================================================================================================
+# early stopping
+
+
+class AlignmentEarlyStopping(TrainerCallback, ExportableState):
+    """Stop training when a configuration's alignment metric stays below a threshold.
+
+    Pass it to :class:`GradientAlignmentCallback` (``early_stopping=``), which adds it to the trainer and feeds it
+    every diagnostic. Training stops when ``metric`` of configuration ``config`` is below ``threshold`` for
+    ``patience`` consecutive diagnostics at or after ``min_step``. A diagnostic where the metric is undefined (no
+    non-degenerate node, e.g. no incorrect rollout for ``alignment_incorrect``) counts as neither good nor bad. On a
+    stop the callback sets ``control.should_training_stop`` and ``control.should_save`` (a final checkpoint) on every
+    rank and logs why. Its counters are saved in checkpoints (``ExportableState``) and restored on resume.
+
+    Args:
+        metric: ``"alignment"``, ``"alignment_correct"``, ``"alignment_incorrect"`` (default),
+            ``"positive_fraction"`` or ``"teacher_advantage"``.
+        threshold: a diagnostic is *bad* when the metric is strictly below it.
+        patience: consecutive bad diagnostics that stop training.
+        config: the configuration watched (default ``"current"``, the trainer's own).
+        min_step: diagnostics before this global step are not counted.
+        warn_if_beaten: log a warning when another configuration's confidence interval lies entirely above
+            ``config``'s (for the alignment subset matching ``metric``).
+    """
+
+    def __init__(
+        self,
+        metric: str = "alignment_incorrect",
+        threshold: float = 0.0,
+        patience: int = 3,
+        config: str = CURRENT,
+        min_step: int = 0,
+        warn_if_beaten: bool = True,
+    ) -> None:
+        if metric not in EARLY_STOPPING_METRICS:
+            raise ValueError(f"AlignmentEarlyStopping: metric must be one of {sorted(EARLY_STOPPING_METRICS)}, got {metric!r}")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"AlignmentEarlyStopping: patience must be an int >= 1, got {patience!r}")
+        if not isinstance(config, str) or not config:
+            raise ValueError("AlignmentEarlyStopping: config must be a configuration name")
+        if not math.isfinite(float(threshold)):
+            raise ValueError(f"AlignmentEarlyStopping: threshold must be finite, got {threshold!r}")
+        self.metric = metric
+        self.threshold = float(threshold)
+        self.patience = patience
+        self.config = config
+        self.min_step = int(min_step)
+        self.warn_if_beaten = bool(warn_if_beaten)
+        # counters (saved in checkpoints)
+        self.bad_count = 0
+        self.neutral_count = 0
+        self.diagnostics = 0
+        self.last_step = -1
+        self.stopped_step: int | None = None
+        self.reason: str | None = None
+
+    # ---------------------------------------------------------------------------------------------- ExportableState
+    def state(self) -> dict:
+        return {
+            "args": {
+                "metric": self.metric,
+                "threshold": self.threshold,
+                "patience": self.patience,
+                "config": self.config,
+                "min_step": self.min_step,
+                "warn_if_beaten": self.warn_if_beaten,
+            },
+            "attributes": {
+                "bad_count": self.bad_count,
+                "neutral_count": self.neutral_count,
+                "diagnostics": self.diagnostics,
+                "last_step": self.last_step,
+                "stopped_step": self.stopped_step,
+                "reason": self.reason,
+            },
+        }
+
+    def restore_from(self, trainer_state: Any) -> bool:
+        """Load counters saved in a checkpoint's ``trainer_state.json`` (``state.stateful_callbacks``), matching this
+        instance by its arguments. Idempotent; returns whether something was loaded."""
+        stored = (getattr(trainer_state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if stored is None:
+            return False
+        items = stored if isinstance(stored, list) else [stored]
+        mine = self.state()["args"]
+        for item in items:
+            if isinstance(item, dict) and item.get("args") == mine:
+                for k, v in (item.get("attributes") or {}).items():
+                    if k in self.state()["attributes"]:
+                        setattr(self, k, v)
+                return True
+        return False
+
+    # ---------------------------------------------------------------------------------------------- decisions
+    def metric_value(self, summary: Sequence[dict]) -> float | None:
+        """The watched metric from :meth:`AlignmentReport.config_summary` rows (``None`` when undefined)."""
+        row = next((r for r in summary if r.get("config") == self.config), None)
+        if row is None:
+            return None
+        if self.metric == "teacher_advantage" and _finite(row.get("alignment_mean")) is None:
+            return None  # no non-degenerate node at all
+        return _finite(row.get(EARLY_STOPPING_METRICS[self.metric]))
+
+    def update(self, step: int, summary: Sequence[dict]) -> dict:
+        """Count one diagnostic; returns ``{"status", "value", "stop", "message"}``."""
+        value = self.metric_value(summary)
+        key = f"opd/{self.config}/{self.metric}"
+        self.diagnostics += 1
+        self.last_step = int(step)
+        stop = False
+        if step < self.min_step:
+            status = "before_min_step"
+            message = f"AlignmentEarlyStopping: step {step} < min_step {self.min_step}; not counted ({key}={value})."
+        elif value is None:
+            status = "neutral"
+            self.neutral_count += 1
+            message = (
+                f"AlignmentEarlyStopping: {key} is undefined at step {step} (no non-degenerate node); this diagnostic "
+                f"counts as neither good nor bad (bad streak stays {self.bad_count}/{self.patience})."
+            )
+        elif value < self.threshold:
+            status = "bad"
+            self.bad_count += 1
+            message = (
+                f"AlignmentEarlyStopping: {key}={value:.4f} < {self.threshold:g} at step {step} "
+                f"({self.bad_count}/{self.patience} consecutive)."
+            )
+        else:
+            status = "good"
+            self.bad_count = 0
+            message = f"AlignmentEarlyStopping: {key}={value:.4f} >= {self.threshold:g} at step {step}; streak reset."
+        if status == "bad" and self.bad_count >= self.patience:
+            stop = True
+            self.stopped_step = int(step)
+            self.reason = (
+                f"{key} stayed below {self.threshold:g} for {self.bad_count} consecutive diagnostics (last value "
+                f"{value:.4f} at step {step}): the teacher configuration {self.config!r} is pushing the student "
+                "against the gradient of its own success on the probe set. Stopping training and saving a checkpoint."
+            )
+            message = "AlignmentEarlyStopping: " + self.reason
+        return {"status": status, "value": value, "stop": stop, "message": message}
+
+    def beaten_by(self, summary: Sequence[dict]) -> list[str]:
+        """Configurations whose alignment CI lies entirely above ``config``'s (for the subset matching ``metric``)."""
+        ci = _CI_OF.get(self.metric, ("ci_low", "ci_high"))
+        mine = next((r for r in summary if r.get("config") == self.config), None)
+
+        def bounds(r: dict) -> tuple[float | None, float | None]:
+            if isinstance(ci, tuple):
+                return _finite(r.get(ci[0])), _finite(r.get(ci[1]))
+            lo, hi = (r.get(ci) or [None, None])[:2]
+            return _finite(lo), _finite(hi)
+
+        if mine is None:
+            return []
+        _, my_hi = bounds(mine)
+        if my_hi is None:
+            return []
+        out = []
+        for r in summary:
+            if r.get("config") == self.config:
+                continue
+            lo, hi = bounds(r)
+            if lo is not None and lo > my_hi:
+                out.append(
+                    f"configuration {r['config']!r} beats {self.config!r}: its {self.metric if self.metric in _CI_OF else 'alignment'} "
+                    f"CI [{lo:.3f}, {hi:.3f}] lies above [{bounds(mine)[0]:.3f}, {my_hi:.3f}]"
+                )
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"AlignmentEarlyStopping(metric={self.metric!r}, threshold={self.threshold}, patience={self.patience}, "
+            f"config={self.config!r}, min_step={self.min_step}, bad_count={self.bad_count})"
+        )
+
+
+# ====================================================================================================================
+# state preservation
+
+
+def _is_checkpointing(model: torch.nn.Module) -> bool | None:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr) or hasattr(model, attr):
+            try:
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return bool(getattr(model, attr))
+            except Exception:  # noqa: BLE001
+                continue
+    return None
+
+
+@contextlib.contextmanager
+def preserved_training_state(
+    model: torch.nn.Module,
+    tokenizer: Any = None,
+    other_models: Sequence[torch.nn.Module] = (),
+    checkpointing_kwargs: dict | None = None,
+) -> Iterator[None]:
+    """Run a block and restore afterwards everything it could disturb: the CPU, CUDA, numpy and Python RNG states;
+    every module's ``training`` flag (student and ``other_models``); the tokenizer's ``padding_side`` /
+    ``truncation_side``; gradient checkpointing; ``config.use_cache``; the grad mode; and every parameter's ``.grad``
+    (the same tensor object is put back if it was replaced; an in-place change is reported as an error, since the
+    engine only uses ``torch.no_grad`` sampling and ``torch.autograd.grad``)."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_rng = torch.cuda.get_rng_state_all()
+    np_rng = np.random.get_state()
+    py_rng = random.getstate()
+    grad_mode = torch.is_grad_enabled()
+    modes: list[tuple[torch.nn.Module, bool]] = []
+    seen: set[int] = set()
+    for m in [model, *other_models]:
+        if m is None:
+            continue
+        for sub in m.modules():
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                modes.append((sub, sub.training))
+    grads = [(p, p.grad, None if p.grad is None else p.grad._version) for p in model.parameters()]
+    pad_side = getattr(tokenizer, "padding_side", None)
+    trunc_side = getattr(tokenizer, "truncation_side", None)
+    ckpt = _is_checkpointing(model)
+    cfg = getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None) if cfg is not None else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+        torch.set_grad_enabled(grad_mode)
+        for sub, was in modes:
+            if sub.training != was:
+                sub.training = was
+        changed = 0
+        for p, g, version in grads:
+            if p.grad is not g:
+                p.grad = g
+            elif g is not None and g._version != version:
+                changed += 1
+        if changed:
+            logger.error("GradientAlignmentCallback: %d parameter gradients were modified in place by the diagnostic", changed)
+        if tokenizer is not None:
+            if pad_side is not None and getattr(tokenizer, "padding_side", None) != pad_side:
+                tokenizer.padding_side = pad_side
+            if trunc_side is not None and getattr(tokenizer, "truncation_side", None) != trunc_side:
+                tokenizer.truncation_side = trunc_side
+        if ckpt is not None and _is_checkpointing(model) != ckpt:
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+            else:
+                model.gradient_checkpointing_disable()
+        if cfg is not None and use_cache is not None and getattr(cfg, "use_cache", None) != use_cache:
+            cfg.use_cache = use_cache
+
+
+def estimate_continuations(settings: RolloutSettings, n_prompts: int, n_configs: int) -> int:
+    """Upper bound on the continuations one diagnostic samples:
+    ``prompts x num_rollouts x nodes_per_rollout x |C| x rollouts_per_branch`` with
+    ``|C| <= top_k + n_configs x teacher_top_k + 1`` and nodes per rollout bounded by the node selection."""
+    T = settings.max_new_tokens
+    if settings.node_selection == "all":
+        nodes = T
+    elif settings.node_selection == "positions":
+        nodes = len([p for p in settings.positions or [] if p < T])
+    elif settings.node_selection == "entropy":
+        nodes = min(settings.max_nodes_per_rollout, T)
+    else:
+        windows = 1 + max(0, (T - 1).bit_length()) if T > 0 else 0
+        nodes = min(settings.max_nodes_per_rollout, windows * settings.nodes_per_window, T)
+    cands = settings.top_k + n_configs * settings.teacher_top_k + 1
+    return int(n_prompts * settings.num_rollouts * nodes * cands * settings.rollouts_per_branch)
+
+
+# ====================================================================================================================
+# the callback
+
+
+def _as_rows(data: Any, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """Rows of a list of dicts / ``datasets.Dataset`` / iterable; a fixed random sample of ``limit`` when given."""
+    if data is None:
+        return []
+    if isinstance(data, dict):
+        raise TypeError("probe_dataset must be a list of dicts or a datasets.Dataset, not a dict")
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        n = len(data)
+        if limit is not None and n > limit:
+            idx = sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=limit, replace=False))
+        else:
+            idx = list(range(n))
+        return [dict(data[i]) for i in idx]
+    rows = []
+    for r in data:
+        rows.append(dict(r))
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+class GradientAlignmentCallback(TrainerCallback):
+    """Pause on-policy distillation every ``every_n_steps`` steps and score teacher configurations.
+
+    Args:
+        trainer: the trainer (``trl.DistillationTrainer``, ``trl.experimental.gkd.GKDTrainer``,
+            ``trl.experimental.sdft.SDFTTrainer``, or any ``transformers.Trainer`` with explicit ``configs``). The
+            current teacher configuration is derived from it. Add the callback with ``trainer.add_callback(cb)``.
+        reward_fn: the verifier, TRL signature ``reward_fn(prompts, completions, **columns) -> list[float]``.
+        probe_dataset: the fixed probe prompts (list of dicts or ``datasets.Dataset`` with ``prompt`` and the columns
+            the reward and templates use). Default: a fixed random sample of ``probe_size`` rows of
+            ``trainer.train_dataset`` (seeded by ``settings.seed``).
+        every_n_steps: diagnose when ``global_step % every_n_steps == 0``.
+        configs: alternative :class:`~opd_callback.TeacherConfig` s scored side by side with ``current``.
+        settings: :class:`~opd_callback.RolloutSettings`. Default: ``RolloutSettings`` with the trainer's sampling
+            temperature and completion length.
+        early_stopping: an :class:`AlignmentEarlyStopping`.
+        include_current: score the trainer's own configuration as ``current`` (refused with a message where it
+            cannot be derived faithfully, e.g. SDPO; plain ``Trainer`` s have none and need ``configs``).
+        run_at_start: also diagnose before the first step (step 0; on resume, at the resume step if not done yet).
+        run_at_end: also diagnose after the last step (if that step was not already diagnosed).
+        on_error: ``"warn"`` (log the traceback, count ``opd/errors``, continue training) or ``"raise"``.
+        max_heatmap_rollouts: rollouts shown in the wandb HTML heatmap (0 disables it).
+        output_subdir: records go to ``<output_dir>/<output_subdir>/step-XXXXXXX/`` (``None`` disables saving).
+        probe_size: size of the default probe sample.
+        heatmap_config: configuration colouring the heatmap (default ``current``, else the first).
+        save_records: write per-token records (parquet) of every diagnostic on the main process.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        reward_fn: Callable[..., Sequence[float]],
+        probe_dataset: Any = None,
+        every_n_steps: int = 50,
+        configs: Sequence[TeacherConfig] = (),
+        settings: RolloutSettings | None = None,
+        early_stopping: AlignmentEarlyStopping | None = None,
+        include_current: bool = True,
+        run_at_start: bool = False,
+        run_at_end: bool = True,
+        on_error: str = "warn",
+        max_heatmap_rollouts: int = 4,
+        output_subdir: str | None = "opd_alignment",
+        probe_size: int = 8,
+        heatmap_config: str | None = None,
+        save_records: bool = True,
+    ) -> None:
+        if trainer is None or not hasattr(trainer, "callback_handler"):
+            raise TypeError(
+                "GradientAlignmentCallback needs the trainer as its first argument (a callback never receives it): "
+                "cb = GradientAlignmentCallback(trainer, reward_fn=...); trainer.add_callback(cb)"
+            )
+        if not callable(reward_fn):
+            raise TypeError("reward_fn must be callable: reward_fn(prompts, completions, **columns) -> list[float]")
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if not isinstance(probe_size, int) or probe_size < 1:
+            raise ValueError(f"probe_size must be an int >= 1, got {probe_size!r}")
+        if early_stopping is not None and not isinstance(early_stopping, AlignmentEarlyStopping):
+            raise TypeError("early_stopping must be an AlignmentEarlyStopping")
+        configs = list(configs or [])
+        for c in configs:
+            if not isinstance(c, TeacherConfig):
+                raise TypeError(f"configs must be TeacherConfig objects, got {type(c).__name__}")
+        self.trainer = trainer
+        self.reward_fn = reward_fn
+        self.every_n_steps = every_n_steps
+        self.alternatives = configs
+        self.include_current = bool(include_current)
+        self.run_at_start = bool(run_at_start)
+        self.run_at_end = bool(run_at_end)
+        self.on_error = on_error
+        self.max_heatmap_rollouts = int(max_heatmap_rollouts)
+        self.output_subdir = output_subdir
+        self.save_records = bool(save_records) and output_subdir is not None
+        self.probe_size = probe_size
+
+        self.spec: TrainerSpec = describe_trainer(trainer)
+        self._check_current(configs)
+        if settings is None:
+            kw: dict[str, Any] = {}
+            if self.spec.sampling_temperature:
+                kw["temperature"] = float(self.spec.sampling_temperature)
+            if self.spec.max_new_tokens:
+                kw["max_new_tokens"] = int(self.spec.max_new_tokens)
+            settings = RolloutSettings(**kw)
+        if not isinstance(settings, RolloutSettings):
+            raise TypeError("settings must be a RolloutSettings")
+        samp = self.spec.sampling_temperature
+        if samp is not None and float(samp) != float(settings.temperature):
+            self.spec.notes.append(
+                f"{self.spec.trainer_name} samples at temperature {samp:g} but settings.temperature is "
+                f"{settings.temperature:g}: the diagnostic measures the success gradient of the student sampled at "
+                f"{settings.temperature:g}."
+            )
+        self.settings = settings
+        names = self.config_names
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"configuration names must be unique; repeated: {dup}")
+        self.heatmap_config = heatmap_config or names[0]
+        if self.heatmap_config not in names:
+            raise ValueError(f"heatmap_config {self.heatmap_config!r} is not one of the configurations {names}")
+
+        # the probe set: fixed for the whole run
+        if probe_dataset is None:
+            rows = _as_rows(getattr(trainer, "train_dataset", None), limit=probe_size, seed=settings.seed)
+            source = f"a fixed sample of {len(rows)} rows of trainer.train_dataset"
+        else:
+            rows = _as_rows(probe_dataset)
+            source = f"probe_dataset ({len(rows)} rows)"
+        if not rows:
+            raise ValueError(
+                "the probe set is empty: pass probe_dataset=[{'prompt': ..., <reward columns>}, ...] or give the "
+                "trainer a non-empty train_dataset"
+            )
+        if self.spec.prepare_example is not None:
+            rows = [self.spec.prepare_example(r) for r in rows]
+        missing = [i for i, r in enumerate(rows) if "prompt" not in r]
+        if missing:
+            raise ValueError(
+                f"probe row {missing[0]} (from {source}) has no 'prompt' field (its fields: {sorted(rows[missing[0]])}); "
+                "pass probe_dataset=[{'prompt': ..., <reward columns>}, ...]"
+            )
+        self.probe_rows = rows
+        self.probe_source = source
+
+        self.early_stopping = early_stopping
+        if early_stopping is not None:
+            if early_stopping.config not in names:
+                raise ValueError(
+                    f"AlignmentEarlyStopping watches configuration {early_stopping.config!r}, which is not scored "
+                    f"(configurations: {names})"
+                    + (". The trainer has no derivable 'current' configuration." if early_stopping.config == CURRENT else "")
+                )
+            if early_stopping not in trainer.callback_handler.callbacks:
+                trainer.add_callback(early_stopping)  # so that its counters are saved in checkpoints
+
+        self.errors = 0
+        self.history: list[dict] = []  # {"step", "metrics"} per successful diagnostic (main process)
+        self.last_report: AlignmentReport | None = None
+        self._last_step: int | None = None
+        self._panels = None
+        self._validated = False
+
+    # ------------------------------------------------------------------------------------------------ configuration
+    def _check_current(self, configs: list[TeacherConfig]) -> None:
+        spec = self.spec
+        if any(c.name == CURRENT for c in configs):
+            raise ValueError(
+                f"the name {CURRENT!r} is reserved for the trainer's own configuration; rename that TeacherConfig"
+            )
+        if not self.include_current:
+            if not configs:
+                raise ValueError("include_current=False and no configs: there is nothing to score")
+            return
+        if spec.kind == "refused":
+            raise ValueError(
+                f"GradientAlignmentCallback cannot derive the current teacher configuration of {spec.trainer_name}: "
+                f"{spec.refusal} Pass include_current=False and describe the teachers to score with "
+                "configs=[TeacherConfig(...)]."
+            )
+        if spec.current is None and not configs:
+            raise ValueError(
+                f"{spec.trainer_name} has no teacher the callback can derive (supported: trl.DistillationTrainer, "
+                "trl.experimental.gkd.GKDTrainer, trl.experimental.sdft.SDFTTrainer). Pass the teacher "
+                "configurations to score with configs=[TeacherConfig(...)]."
+            )
+
+    def current_configs(self) -> list[TeacherConfig]:
+        """The configurations scored now: ``current`` (re-derived from the trainer) first, then the alternatives."""
+        out: list[TeacherConfig] = []
+        if self.include_current:
+            spec = describe_trainer(self.trainer)
+            if spec.current is not None:
+                out.append(spec.current)
+        return out + list(self.alternatives)
+
+    @property
+    def config_names(self) -> list[str]:
+        head = [CURRENT] if self.include_current and self.spec.current is not None else []
+        return head + [c.name for c in self.alternatives]
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+    @property
+    def accelerator(self):
+        return getattr(self.trainer, "accelerator", None)
+
+    @property
+    def world(self) -> tuple[int, int, bool]:
+        acc = self.accelerator
+        if acc is None:
+            return 1, 0, True
+        return int(acc.num_processes), int(acc.process_index), bool(acc.is_main_process)
+
+    def student(self) -> torch.nn.Module:
+        return unwrap(self.trainer, self.trainer.model)
+
+    def tokenizer(self) -> Any:
+        tok = getattr(self.trainer, "processing_class", None) or getattr(self.trainer, "tokenizer", None)
+        inner = getattr(tok, "tokenizer", None)
+        if inner is not None and not hasattr(tok, "get_vocab"):
+            tok = inner  # a multimodal processor: use its text tokenizer
+        if tok is None:
+            raise ValueError("the trainer has no processing_class (tokenizer); the diagnostic needs one")
+        return tok
+
+    def build_engine(self) -> AlignmentEngine:
+        """An engine over the unwrapped student and the current configurations."""
+        return AlignmentEngine(self.student(), self.tokenizer(), self.current_configs(), self.reward_fn, self.settings)
+
+    def _check_distributed(self) -> None:
+        t = self.trainer
+        if getattr(t, "is_fsdp_enabled", False):
+            raise ValueError(
+                "GradientAlignmentCallback does not support FSDP: the student's parameters are sharded, and the "
+                "diagnostic would need every rank to gather them and generate in lockstep. Use DDP or DeepSpeed "
+                "ZeRO-1/2, or run oc.diagnose on a saved checkpoint."
+            )
+        if getattr(t, "is_deepspeed_enabled", False):
+            plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
+            stage = getattr(plugin, "zero_stage", None)
+            if stage is None or int(stage) >= 3:
+                raise ValueError(
+                    "GradientAlignmentCallback does not support DeepSpeed ZeRO-3 (parameters are partitioned across "
+                    "ranks and generation would have to run in lockstep). Use ZeRO-1/2 or DDP, or run oc.diagnose on "
+                    "a saved checkpoint."
+                )
+
+    def _records_dir(self, args: Any) -> Path | None:
+        if not self.save_records:
+            return None
+        return Path(args.output_dir) / str(self.output_subdir)
+
+    def _resolve_stopper(self, state: Any) -> None:
+        es = self.early_stopping
+        if es is None:
+            return
+        live = [cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, AlignmentEarlyStopping)]
+        if not any(cb is es for cb in live):
+            # transformers re-created it from its checkpointed args (restore_callback_states_from_checkpoint=True)
+            same = [cb for cb in live if cb.state()["args"] == es.state()["args"]]
+            if same:
+                self.early_stopping = es = same[0]
+        es.restore_from(state)
+
+    # ------------------------------------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._check_distributed()
+        self._resolve_stopper(state)
+        world, rank, main = self.world
+        engine = self.build_engine()  # validates vocabularies, EOS, configs
+        with preserved_training_state(self.student(), self.tokenizer()):
+            prepared = engine.prepare(self.probe_rows)  # validates prompts and template fields on every rank
+            try:
+                engine.score(prepared[0], [[]])
+            except Exception as exc:
+                raise ValueError(
+                    f"the reward function failed on a probe prompt (called with an empty completion to check its "
+                    f"signature before training): {exc}"
+                ) from exc
+        self._validated = True
+        if main:
+            cost = estimate_continuations(self.settings, len(self.probe_rows), len(self.config_names))
+            desc = f"; current = {self.spec.description}" if CURRENT in self.config_names else ""
+            logger.info(
+                "GradientAlignmentCallback on %s: configurations %s%s; probe: %s; every %d steps; at most ~%d "
+                "continuations per diagnostic (%s).",
+                self.spec.trainer_name,
+                self.config_names,
+                desc,
+                self.probe_source,
+                self.every_n_steps,
+                cost,
+                "split over %d processes" % world if world > 1 else "one process",
+            )
+            for note in self.spec.notes:
+                logger.warning("GradientAlignmentCallback: %s", note)
+            d = self._records_dir(args)
+            if d is not None and state.global_step == 0 and d.is_dir() and any(d.glob("step-*")):
+                logger.warning(
+                    "GradientAlignmentCallback: %s already holds records of an earlier run; AlignmentReport.load "
+                    "will read them together with this run's (steps are overwritten as they are diagnosed).",
+                    d,
+                )
+        if self.run_at_start and not self._already_saved(args, state.global_step):
+            self._diagnose(args, state, control)
+        return control
+
+    def _already_saved(self, args: Any, step: int) -> bool:
+        """On resume: were this step's records written before? (The main process decides, for every rank.)"""
+        d = self._records_dir(args)
+        found = [bool(step > 0 and d is not None and (d / f"step-{step:07d}" / "records.parquet").exists())]
+        if self.world[0] > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(found, from_process=0)
+        return found[0]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        last = bool(control.should_training_stop) or (state.max_steps > 0 and step >= state.max_steps)
+        due = step % self.every_n_steps == 0 or (self.run_at_end and last)
+        if due and step != self._last_step:
+            self._diagnose(args, state, control)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Training stopped at a step we did not diagnose (e.g. another callback stopped it after our on_step_end).
+        if self.run_at_end and self._last_step != state.global_step and self._validated:
+            self._diagnose(args, state, control)
+        return control
+
+    # ------------------------------------------------------------------------------------------------ the diagnostic
+    def run_diagnostic(self, args: Any = None, state: Any = None, control: Any = None) -> AlignmentReport | None:
+        """Run one diagnostic now with the trainer's current state (also usable outside training). Returns the
+        merged report (on every rank), or ``None`` when it failed with ``on_error="warn"``."""
+        t = self.trainer
+        return self._diagnose(args or t.args, state or t.state, control or t.control)
+
+    def _diagnose(self, args: Any, state: Any, control: Any) -> AlignmentReport | None:
+        step = int(state.global_step)
+        self._last_step = step
+        world, rank, main = self.world
+        t0 = time.perf_counter()
+        mine = [i for i in range(len(self.probe_rows)) if i % world == rank]
+        local_error = None
+        payload: dict | None = None
+        local_meta: dict = {}
+        student = self.student()
+        tok = self.tokenizer()
+        try:
+            configs = self.current_configs()
+            others = [c.teacher.model for c in configs if c.teacher.model is not None]
+        except Exception:  # noqa: BLE001
+            others = []
+        with preserved_training_state(
+            student, tok, others, getattr(args, "gradient_checkpointing_kwargs", None)
+        ):
+            try:
+                engine = self.build_engine()
+                payload = {"records": [], "rollouts": [], "meta": {}}
+                if mine:
+                    rep = engine.run([self.probe_rows[i] for i in mine], indices=mine)
+                    local_meta = rep.meta  # settings and configurations: kept here, not pickled across ranks
+                    payload = {
+                        "records": rep.records.to_dict("records"),
+                        "rollouts": rep.rollouts.to_dict("records"),
+                        "meta": {k: v for k, v in rep.meta.items() if k in _COUNTERS},
+                    }
+            except Exception:  # noqa: BLE001 - reported below, training continues unless on_error="raise"
+                local_error = traceback.format_exc()
+                logger.error(
+                    "GradientAlignmentCallback: the diagnostic at step %d failed on process %d:\n%s", step, rank, local_error
+                )
+        gathered = [(rank, local_error, payload)]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object(gathered)
+        failed = [(r, e) for r, e, _ in gathered if e]
+        if failed:
+            return self._failed(args, state, control, failed)
+
+        report = self._merge([p for _, _, p in gathered], step, local_meta)
+        outcome: dict[str, Any] = {"metrics": {}, "stop": False, "error": None, "stopper": None}
+        if main:
+            try:
+                outcome = self._postprocess(report, args, state, step, t0)
+            except Exception:  # noqa: BLE001
+                outcome["error"] = traceback.format_exc()
+                logger.error(
+                    "GradientAlignmentCallback: processing the diagnostic at step %d failed:\n%s", step, outcome["error"]
+                )
+        if world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [outcome]
+            broadcast_object_list(box, from_process=0)
+            outcome = box[0]
+        if outcome.get("error"):
+            return self._failed(args, state, control, [(0, outcome["error"])])
+        if self.early_stopping is not None and outcome.get("stopper") is not None:
+            for k, v in outcome["stopper"].items():
+                setattr(self.early_stopping, k, v)
+        self._emit(args, state, control, {**outcome["metrics"], "opd/errors": float(self.errors)})
+        if outcome.get("stop"):
+            control.should_training_stop = True
+            control.should_save = True
+        self.last_report = report
+        return report
+
+    def _failed(self, args: Any, state: Any, control: Any, failed: list):
+        step = int(state.global_step)
+        self.errors += 1
+        self._emit(args, state, control, {"opd/errors": float(self.errors)})
+        where = ", ".join(f"process {r}" for r, _ in failed)
+        if self.on_error == "raise":
+            raise DiagnosticError(
+                f"GradientAlignmentCallback: the diagnostic at step {step} failed on {where}:\n{failed[0][1]}"
+            )
+        _, _, main = self.world
+        if main:
+            logger.warning(
+                "GradientAlignmentCallback: diagnostic at step %d failed on %s (%d failures so far); training "
+                "continues (on_error='warn').",
+                step,
+                where,
+                self.errors,
+            )
+        return None
+
+    def _merge(self, payloads: list[dict | None], step: int, local_meta: dict) -> AlignmentReport:
+        records: list[dict] = []
+        rollouts: list[dict] = []
+        meta = {k: v for k, v in local_meta.items() if k not in _COUNTERS}
+        for k in _COUNTERS:
+            meta[k] = 0
+        for p in payloads:
+            if not p:
+                continue
+            records.extend(p["records"])
+            rollouts.extend(p["rollouts"])
+            for k, v in (p.get("meta") or {}).items():
+                if isinstance(v, (int, float)):
+                    meta[k] = max(meta[k], v) if k == "seconds" else meta[k] + v
+        # same order as one process: by prompt, keeping the engine's order inside a prompt (stable sort)
+        records.sort(key=lambda r: int(r["prompt_index"]))
+        rollouts.sort(key=lambda r: (int(r["prompt_index"]), int(r["rollout_index"])))
+        for r in records:
+            r["step"] = step
+        for r in rollouts:
+            r["step"] = step
+        meta.update({"step": step, "trainer": self.spec.trainer_name, "current": self.spec.description or None})
+        return AlignmentReport(records, rollouts, meta)
+
+    def scalars(self, report: AlignmentReport, seconds: float) -> dict[str, float]:
+        """The ``opd/...`` scalars of one diagnostic (undefined values are left out)."""
+        out: dict[str, float] = {}
+
+        def put(key: str, value: Any) -> None:
+            v = _finite(value)
+            if v is not None:
+                out[key] = v
+
+        for row in report.config_summary():
+            c = row["config"]
+            put(f"opd/{c}/alignment", row["alignment_mean"])
+            put(f"opd/{c}/alignment_correct", row["alignment_correct"])
+            put(f"opd/{c}/alignment_incorrect", row["alignment_incorrect"])
+            put(f"opd/{c}/positive_fraction", row["positive_fraction"])
+            put(f"opd/{c}/teacher_advantage", row["teacher_advantage"])
+            put(f"opd/{c}/degenerate_fraction", row["degenerate_fraction"])
+            put(f"opd/{c}/alignment_ci_low", row["ci_low"])
+            put(f"opd/{c}/alignment_ci_high", row["ci_high"])
+        put("opd/student/success_rate", report.success_rate)
+        put("opd/rollouts", len(report.rollouts))
+        put("opd/nodes", report.n_nodes)
+        put("opd/continuations", report.meta.get("continuations", 0))
+        put("opd/seconds", seconds)
+        return out
+
+    def _postprocess(self, report: AlignmentReport, args: Any, state: Any, step: int, t0: float) -> dict:
+        """Main process: save the records, log wandb panels, decide early stopping. Returns what every rank needs."""
+        d = self._records_dir(args)
+        if d is not None:
+            report.save(d / f"step-{step:07d}")
+        summary = report.config_summary()
+        stop = False
+        stopper_state = None
+        metrics: dict[str, float] = {}
+        es = self.early_stopping
+        if es is not None:
+            decision = es.update(step, summary)
+            level = logging.WARNING if decision["stop"] else logging.INFO
+            logger.log(level, decision["message"])
+            if es.warn_if_beaten:
+                for msg in es.beaten_by(summary):
+                    logger.warning("GradientAlignmentCallback at step %d: %s", step, msg)
+            stop = bool(decision["stop"])
+            stopper_state = dict(es.state()["attributes"])
+            metrics["opd/early_stopping/bad_count"] = float(es.bad_count)
+            metrics["opd/early_stopping/stop"] = 1.0 if stop else 0.0
+        self._log_wandb(report, args, step)
+        seconds = time.perf_counter() - t0
+        metrics = {**self.scalars(report, seconds), **metrics}
+        self.history.append({"step": step, "metrics": dict(metrics)})
+        return {"metrics": metrics, "stop": stop, "error": None, "stopper": stopper_state}
+
+    def _log_wandb(self, report: AlignmentReport, args: Any, step: int) -> None:
+        from .integrations.wandb_logging import WandbPanels, wandb_active
+
+        if not wandb_active(args):
+            return
+        if self._panels is None:
+            self._panels = WandbPanels(self.config_names, self.max_heatmap_rollouts, self.heatmap_config)
+        tok = self.tokenizer()
+        self._panels.log(report, step, lambda ids: tok.decode(list(ids), skip_special_tokens=False))
+
+    # ------------------------------------------------------------------------------------------------ scalars
+    def _emit(self, args: Any, state: Any, control: Any, metrics: dict[str, float]) -> None:
+        """Send one row of scalars through the trainer's callback handler, as ``Trainer.log`` does (append to
+        ``state.log_history``, then ``on_log`` to every callback: wandb, tensorboard, trackio, the printer...).
+
+        ``trainer.log()`` itself is not called: TRL trainers flush and clear their metric buffers there.
+        """
+        logs = dict(metrics)
+        if getattr(state, "epoch", None) is not None:
+            logs.setdefault("epoch", state.epoch)
+        state.log_history.append({**logs, "step": state.global_step})
+        # CallbackHandler.on_log resets control.should_log: keep the trainer's own pending log of this step.
+        was = bool(getattr(control, "should_log", False))
+        self.trainer.callback_handler.on_log(args, state, control, logs=logs)
+        if was:
+            control.should_log = True

@@ -1,0 +1,55 @@
+"""``opd_callback.toy``: a fully offline, seed-deterministic toy lab for on-policy distillation.
+
+A verifiable 3-digit addition task with a digit-by-digit chain of thought, a character
+tokenizer with a ChatML-like chat template, and tiny Qwen2 models (weak student, strong
+teacher, wrong-rule teacher) trained in about a minute on CPU and cached on disk.
+
+>>> from opd_callback.toy import build_lab, solve
+>>> solve(367, 485)
+'7+5+0=12,6+8+1=15,3+4+1=08>852'
+>>> lab = build_lab()              # doctest: +SKIP
+>>> print(lab.accuracy_table())    # doctest: +SKIP
+"""
+
+from .lab import LAB_VERSION, MODEL_NAMES, ToyLab, build_lab, default_cache_dir
+from .models import make_config, set_generation_config, tiny_random_model
+from .task import (
+    ANSWER_TEMPLATE,
+    MISLEADING_SOLUTION_TEMPLATE,
+    MISLEADING_TEMPLATE,
+    SOLUTION_TEMPLATE,
+    TEMPLATES,
+    format_prompt,
+    make_examples,
+    parse_answer,
+    reward_fn,
+    solve,
+)
+from .tokenizer import build_tokenizer
+from .train import encode_items, sample_accuracy, sample_completions, train_lm
+
+__all__ = [
+    "ANSWER_TEMPLATE",
+    "SOLUTION_TEMPLATE",
+    "MISLEADING_TEMPLATE",
+    "MISLEADING_SOLUTION_TEMPLATE",
+    "TEMPLATES",
+    "LAB_VERSION",
+    "MODEL_NAMES",
+    "ToyLab",
+    "build_lab",
+    "build_tokenizer",
+    "default_cache_dir",
+    "encode_items",
+    "format_prompt",
+    "make_config",
+    "make_examples",
+    "parse_answer",
+    "reward_fn",
+    "sample_accuracy",
+    "sample_completions",
+    "set_generation_config",
+    "solve",
+    "tiny_random_model",
+    "train_lm",
+]

@@ -1,0 +1,439 @@
+"""Train (or load from an on-disk cache) the toy lab's models: weak student, strong teacher, wrong teacher."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import transformers
+from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+
+from .models import make_config, set_generation_config
+from .task import (
+    ANSWER_TEMPLATE,
+    MISLEADING_TEMPLATE,
+    SOLUTION_TEMPLATE,
+    TEMPLATES,
+    format_prompt,
+    make_examples,
+    solve,
+)
+from .tokenizer import build_tokenizer
+from .train import encode_items, num_threads, sample_accuracy, train_lm
+
+__all__ = ["ToyLab", "build_lab", "default_cache_dir", "LAB_VERSION", "MODEL_NAMES"]
+
+# Bump whenever the task format, tokenizer, model sizes or training recipe change.
+LAB_VERSION = "toy-v2"
+MODEL_NAMES = ("student", "strong_teacher", "wrong_teacher")
+
+N_TRAIN = 30000
+N_VAL = 256  # early-stopping checks (disjoint from train and probe)
+N_PROBE = 512
+DIGITS = 3
+
+# Model sizes and training recipes. Step counts are upper bounds: training stops early once
+# the sampled accuracy on the validation set crosses a threshold (checked every few steps).
+RECIPES: dict[str, dict[str, Any]] = {
+    # Weak student, two phases from scratch:
+    #  1. "copy" phase: only prompts with a privileged context (answer / solution prepended),
+    #     until it reliably copies the solution from its context;
+    #  2. "mix" phase: add plain prompts, and stop once plain accuracy reaches the target band.
+    # Without phase 1 the plain and the in-context skills grow together, and the student is
+    # either too good on plain prompts or too bad with context.
+    "student": dict(
+        hidden_size=64, num_layers=2, lr=3e-3, batch_size=64,
+        copy=dict(mix={"answer": 0.3, "solution": 0.7}, max_steps=700, total_steps=700,
+                  check_from=200, check_every=25, stop_solution=0.95),
+        mix=dict(mix={"answer": 0.15, "solution": 0.35}, max_steps=800, total_steps=800, warmup=10,
+                 check_from=50, check_every=20, stop_plain=0.45, stop_plain_hard=0.62, stop_solution=0.9),
+    ),
+    "strong_teacher": dict(
+        hidden_size=64, num_layers=2, lr=3e-3, batch_size=64, total_steps=900, max_steps=1400,
+        check_from=450, check_every=50, stop_acc=0.97,
+    ),
+    "wrong_teacher": dict(
+        hidden_size=64, num_layers=2, lr=3e-3, batch_size=64, total_steps=800, max_steps=1200,
+        check_from=350, check_every=50, stop_acc=0.95,
+    ),
+}
+# Which models each worker process trains (two processes on two cores, about equal work).
+WORKER_JOBS = (("student",), ("strong_teacher", "wrong_teacher"))
+
+
+def default_cache_dir() -> Path:
+    """``$OPD_TOY_CACHE`` if set, else ``~/.cache/opd_callback/toy``."""
+    env = os.environ.get("OPD_TOY_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "opd_callback" / "toy"
+
+
+@dataclass
+class ToyLab:
+    """The trained toy models, their tokenizer and data. Models are in eval mode."""
+
+    tokenizer: PreTrainedTokenizerFast
+    student: Qwen2ForCausalLM
+    strong_teacher: Qwen2ForCausalLM
+    wrong_teacher: Qwen2ForCausalLM
+    train_examples: list[dict]
+    probe_examples: list[dict]
+    path: Path
+    accuracy: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- models -------------------------------------------------------------------------
+    @property
+    def models(self) -> dict[str, Qwen2ForCausalLM]:
+        return {name: getattr(self, name) for name in MODEL_NAMES}
+
+    def model_path(self, name: str) -> Path:
+        """Local directory of a saved model (usable as ``from_pretrained``/``name_or_path``)."""
+        if name not in MODEL_NAMES:
+            raise KeyError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+        return self.path / name
+
+    def load_model(self, name: str) -> Qwen2ForCausalLM:
+        """A fresh copy of a model from disk (eval mode), e.g. to train without touching the lab's."""
+        model = Qwen2ForCausalLM.from_pretrained(self.model_path(name))
+        return model.eval()
+
+    def load_tokenizer(self) -> PreTrainedTokenizerFast:
+        return PreTrainedTokenizerFast.from_pretrained(self.model_path("student"))
+
+    # -- prompts ------------------------------------------------------------------------
+    @staticmethod
+    def template(context: str | None) -> str | None:
+        """Template for a context name (``"answer"``, ``"solution"``, ``"misleading"``,
+        ``"misleading_solution"``), a template string (returned as is), or None (plain)."""
+        if context is None or "{" in context:
+            return context
+        return TEMPLATES[context]
+
+    def prompts(self, examples: Sequence[dict] | None = None, context: str | None = None) -> list[str]:
+        """Prompt texts of ``examples`` (default: the probe set), optionally with a privileged context."""
+        examples = self.probe_examples if examples is None else examples
+        tpl = self.template(context)
+        return [format_prompt(e, tpl) for e in examples]
+
+    def dataset_rows(self, examples: Sequence[dict] | None = None, context: str | None = None) -> list[dict]:
+        """Rows for a TRL-style dataset: ``prompt`` (plain text), ``answer``, ``solution``,
+        plus ``teacher_prompt`` when ``context`` is given."""
+        examples = self.probe_examples if examples is None else examples
+        tpl = self.template(context)
+        rows = []
+        for e in examples:
+            row = {k: e[k] for k in ("prompt", "answer", "solution", "misleading_answer", "misleading_solution")}
+            if tpl is not None:
+                row["teacher_prompt"] = format_prompt(e, tpl)
+            rows.append(row)
+        return rows
+
+    # -- evaluation ---------------------------------------------------------------------
+    def sample_accuracy(self, model: str | torch.nn.Module, n: int | None = None, context: str | None = None, **kwargs) -> float:
+        """Sampled accuracy of a model (or model name) on the probe set."""
+        if isinstance(model, str):
+            model = getattr(self, model)
+        return sample_accuracy(model, self.tokenizer, self.probe_examples, n=n, template=self.template(context), **kwargs)
+
+    def accuracy_table(self) -> str:
+        width = max(len(k) for k in self.accuracy)
+        lines = [f"{'model':<{width}}  sampled acc (T=1, n={self.meta.get('n_probe', len(self.probe_examples))})"]
+        lines += [f"{k:<{width}}  {v:.3f}" for k, v in self.accuracy.items()]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:  # the default dataclass repr would print whole models and datasets
+        acc = ", ".join(f"{k}={v:.2f}" for k, v in self.accuracy.items())
+        return f"ToyLab(path={str(self.path)!r}, accuracy={{{acc}}})"
+
+
+# ------------------------------------------------------------------------------------------
+# building
+
+
+def _split_examples(seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    ex = make_examples(N_TRAIN + N_VAL + N_PROBE, seed=seed, digits=DIGITS)
+    return ex[:N_TRAIN], ex[N_TRAIN : N_TRAIN + N_VAL], ex[N_TRAIN + N_VAL :]
+
+
+def _with_wrong_rule(examples: Sequence[dict]) -> list[dict]:
+    """Copies of ``examples`` whose ``solution``/``answer`` follow the no-carry rule."""
+    out = []
+    for e in examples:
+        sol = solve(e["a"], e["b"], carries=False)
+        out.append({**e, "solution": sol, "answer": sol.rsplit(">", 1)[1]})
+    return out
+
+
+def _new_model(tok, seed: int, recipe: dict) -> Qwen2ForCausalLM:
+    config = make_config(tok, hidden_size=recipe["hidden_size"], num_layers=recipe["num_layers"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    set_generation_config(model, tok)
+    return model
+
+
+def _mixture_items(tok, examples: Sequence[dict], mix: dict[str, float], seed: str):
+    """Items whose prompt is plain or has the answer/solution context, drawn per example."""
+    rng = random.Random(seed)
+    fa, fs = mix.get("answer", 0.0), mix.get("solution", 0.0)
+    prompts = []
+    for e in examples:
+        u = rng.random()
+        tpl = ANSWER_TEMPLATE if u < fa else SOLUTION_TEMPLATE if u < fa + fs else None
+        prompts.append(format_prompt(e, tpl))
+    return encode_items(tok, prompts, [e["solution"] for e in examples])
+
+
+def _train_student(tok, train, val, seed: int, log) -> tuple[Qwen2ForCausalLM, dict]:
+    r = RECIPES["student"]
+    model_seed = seed * 1000 + 1
+    model = _new_model(tok, model_seed, r)
+    info: dict[str, Any] = {"checks": []}
+
+    def note(entry):
+        info["checks"].append(entry)
+        if log:
+            log(f"  [student/{entry['phase']}] step {entry['step']} loss {entry['loss']:.4f} "
+                + " ".join(f"{k}={v:.3f}" for k, v in entry.items() if k.startswith("acc")))
+
+    c = r["copy"]
+
+    def check_copy(step, loss):
+        if step < c["check_from"]:
+            return False
+        sol = sample_accuracy(model, tok, val, template=SOLUTION_TEMPLATE, seed=seed + step)
+        note({"phase": "copy", "step": step, "loss": round(loss, 5), "acc+solution": sol})
+        return sol >= c["stop_solution"]
+
+    opt, n_copy = train_lm(
+        model, _mixture_items(tok, train, c["mix"], f"opd-toy-mix:copy:{seed}"), tok.pad_token_id,
+        steps=c["max_steps"], total_steps=c["total_steps"], batch_size=r["batch_size"], lr=r["lr"],
+        seed=model_seed, callback=check_copy, callback_every=c["check_every"],
+    )
+    m = r["mix"]
+
+    def check_mix(step, loss):
+        if step < m["check_from"]:
+            return False
+        acc = sample_accuracy(model, tok, val, seed=seed + 100000 + step)
+        entry = {"phase": "mix", "step": step, "loss": round(loss, 5), "acc": acc}
+        stop = False
+        if acc >= m["stop_plain"]:
+            entry["acc+solution"] = sol = sample_accuracy(model, tok, val, template=SOLUTION_TEMPLATE, seed=seed + step)
+            stop = sol >= m["stop_solution"] or acc >= m["stop_plain_hard"]
+        note(entry)
+        return stop
+
+    _, n_mix = train_lm(
+        model, _mixture_items(tok, train, m["mix"], f"opd-toy-mix:mix:{seed}"), tok.pad_token_id,
+        steps=m["max_steps"], total_steps=m["total_steps"], warmup=m["warmup"], batch_size=r["batch_size"],
+        lr=r["lr"], seed=model_seed + 500, optimizer=opt, callback=check_mix, callback_every=m["check_every"],
+    )
+    info["steps"] = {"copy": n_copy, "mix": n_mix}
+    return model, info
+
+
+def _train_teacher(name: str, tok, train, val, seed: int, log) -> tuple[Qwen2ForCausalLM, dict]:
+    r = RECIPES[name]
+    model_seed = seed * 1000 + MODEL_NAMES.index(name) + 1
+    model = _new_model(tok, model_seed, r)
+    info: dict[str, Any] = {"checks": []}
+
+    def check(step, loss):
+        if step < r["check_from"]:
+            return False
+        acc = sample_accuracy(model, tok, val, seed=seed + step)
+        info["checks"].append({"step": step, "loss": round(loss, 5), "acc": acc})
+        if log:
+            log(f"  [{name}] step {step} loss {loss:.4f} acc={acc:.3f}")
+        return acc >= r["stop_acc"]
+
+    _, info["steps"] = train_lm(
+        model, encode_items(tok, [e["prompt"] for e in train], [e["solution"] for e in train]), tok.pad_token_id,
+        steps=r["max_steps"], total_steps=r["total_steps"], batch_size=r["batch_size"], lr=r["lr"],
+        seed=model_seed, callback=check, callback_every=r["check_every"],
+    )
+    return model, info
+
+
+def _train_and_save(names: Sequence[str], out_dir: str, seed: int, verbose: bool) -> dict[str, Any]:
+    """Train ``names``, measure their probe accuracies and save them under ``out_dir``.
+
+    Runs with one intra-op thread so results do not depend on the machine's core count
+    (used both in worker processes and, as a fallback, in the calling process).
+    """
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if verbose else None
+    with num_threads(1):
+        tok = build_tokenizer()
+        train, val, probe = _split_examples(seed)
+        acc_seed = seed + 12345
+        result: dict[str, Any] = {"accuracy": {}, "models": {}}
+        for name in names:
+            t0 = time.perf_counter()
+            if log:
+                log(f"[opd_callback.toy] training {name} ...")
+            if name == "student":
+                model, info = _train_student(tok, train, val, seed, log)
+            elif name == "strong_teacher":
+                model, info = _train_teacher(name, tok, train, val, seed, log)
+            else:
+                model, info = _train_teacher(name, tok, _with_wrong_rule(train), _with_wrong_rule(val), seed, log)
+            info["train_seconds"] = round(time.perf_counter() - t0, 2)
+            info["params"] = sum(p.numel() for p in model.parameters())
+            acc = result["accuracy"]
+            acc[name] = sample_accuracy(model, tok, probe, seed=acc_seed)
+            if name == "student":
+                acc["student+answer"] = sample_accuracy(model, tok, probe, template=ANSWER_TEMPLATE, seed=acc_seed)
+                acc["student+solution"] = sample_accuracy(model, tok, probe, template=SOLUTION_TEMPLATE, seed=acc_seed)
+                # how often the student follows a misleading answer given in its context
+                acc["student+misleading->misleading"] = sample_accuracy(
+                    model, tok, probe, template=MISLEADING_TEMPLATE, seed=acc_seed, answer_key="misleading_answer"
+                )
+            if name == "wrong_teacher":
+                # the wrong teacher's accuracy under its own (no-carry) rule
+                acc["wrong_teacher@no_carry_rule"] = sample_accuracy(model, tok, _with_wrong_rule(probe), seed=acc_seed)
+            info["seconds"] = round(time.perf_counter() - t0, 2)
+            model.save_pretrained(Path(out_dir) / name)
+            tok.save_pretrained(Path(out_dir) / name)
+            result["models"][name] = info
+            if log:
+                log(f"[opd_callback.toy] {name} done in {info['seconds']:.1f}s: acc={acc[name]:.3f}")
+    return result
+
+
+def _num_workers() -> int:
+    try:
+        return max(1, int(os.environ.get("OPD_TOY_WORKERS", "2")))
+    except ValueError:
+        return 2
+
+
+def _train_all(out_dir: Path, seed: int, verbose: bool) -> None:
+    """Train all models into ``out_dir`` (two spawned worker processes unless OPD_TOY_WORKERS=1)."""
+    t_start = time.perf_counter()
+    results: list[dict] = []
+    workers = min(_num_workers(), len(WORKER_JOBS))
+    if workers > 1:
+        try:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+                futs = [ex.submit(_train_and_save, job, str(out_dir), seed, verbose) for job in WORKER_JOBS]
+                results = [f.result() for f in futs]
+        except (OSError, RuntimeError, ImportError) as e:  # e.g. no process spawning allowed
+            if verbose:
+                print(f"[opd_callback.toy] worker processes failed ({e!r}); training in-process", file=sys.stderr)
+            results = []
+    if not results:
+        results = [_train_and_save(job, str(out_dir), seed, verbose) for job in WORKER_JOBS]
+    t_total = time.perf_counter() - t_start
+
+    accuracy = {}
+    infos = {}
+    for r in results:
+        accuracy.update(r["accuracy"])
+        infos.update(r["models"])
+    order = ["student", "strong_teacher", "wrong_teacher", "student+answer", "student+solution",
+             "student+misleading->misleading", "wrong_teacher@no_carry_rule"]
+    accuracy = {k: accuracy[k] for k in order if k in accuracy}
+    meta = {
+        "version": LAB_VERSION,
+        "seed": seed,
+        "digits": DIGITS,
+        "n_train": N_TRAIN,
+        "n_val": N_VAL,
+        "n_probe": N_PROBE,
+        "build_seconds": round(t_total, 2),
+        "workers": workers,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "models": {name: {**infos[name], "recipe": RECIPES[name]} for name in MODEL_NAMES},
+    }
+    with open(out_dir / "lab.json", "w") as f:
+        json.dump({"accuracy": accuracy, "meta": meta}, f, indent=2)
+    if verbose:
+        print(f"[opd_callback.toy] built in {t_total:.1f}s", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _is_complete(d: Path) -> bool:
+    return (d / "lab.json").is_file() and all((d / n / "config.json").is_file() for n in MODEL_NAMES)
+
+
+def _load(d: Path, seed: int) -> ToyLab:
+    with open(d / "lab.json") as f:
+        info = json.load(f)
+    tok = PreTrainedTokenizerFast.from_pretrained(d / "student")
+    models = {n: Qwen2ForCausalLM.from_pretrained(d / n).eval() for n in MODEL_NAMES}
+    train, _, probe = _split_examples(seed)
+    return ToyLab(
+        tokenizer=tok,
+        train_examples=train,
+        probe_examples=probe,
+        path=d,
+        accuracy=info["accuracy"],
+        meta=info["meta"],
+        **models,
+    )
+
+
+def build_lab(
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    force: bool = False,
+    verbose: bool = True,
+) -> ToyLab:
+    """Train the toy lab's models (about 1-2 min on 2 CPU cores) or load them from the cache.
+
+    The lab lives in ``<cache_dir>/<LAB_VERSION>-seed<seed>/`` (``cache_dir`` defaults to
+    ``$OPD_TOY_CACHE`` or ``~/.cache/opd_callback/toy``) with subfolders ``student/``,
+    ``strong_teacher/``, ``wrong_teacher/`` (model + tokenizer, ``save_pretrained`` format)
+    and ``lab.json`` (accuracies and metadata). Building is serialised across processes
+    with a file lock and written to a temporary folder that is renamed into place.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = root.resolve()
+    key = f"{LAB_VERSION}-seed{seed}"
+    final = root / key
+    if not force and _is_complete(final):
+        return _load(final, seed)
+    with _locked(root / f"{key}.lock"):
+        if force or not _is_complete(final):
+            tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                _train_all(tmp, seed, verbose)
+                if final.exists():
+                    trash = root / f".{key}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                    os.rename(final, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                os.rename(tmp, final)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        elif verbose:
+            print(f"[opd_callback.toy] loading lab from {final}", file=sys.stderr, flush=True)
+        return _load(final, seed)

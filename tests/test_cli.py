@@ -1,0 +1,272 @@
+"""``opd-diagnose`` (opd_callback/cli.py): run / report / compare / demo, config files, errors, Ctrl-C and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from opd_callback import cli
+from opd_callback.engine import AlignmentEngine
+from opd_callback.report import AlignmentReport
+
+CHARS = list("0123456789+=> abns")
+FAST = ["--num-rollouts", "2", "--max-new-tokens", "5", "--rollouts-per-branch", "2", "--no-progress",
+        "--bootstrap-samples", "50"]
+
+
+def _save_model(path: Path, tok, seed: int) -> None:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(CHARS) + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                      max_position_embeddings=64, eos_token_id=0, pad_token_id=0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli_lab")
+    vocab = {t: i for i, t in enumerate(["<eos>"] + CHARS)}
+    bt = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+    bt.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    bt.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bt, eos_token="<eos>", pad_token="<eos>")
+    _save_model(root / "student", tok, 0)
+    _save_model(root / "teacher", tok, 1)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (2, 5)]]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pd.DataFrame(rows).to_parquet(root / "data.parquet")
+    (root / "rw.py").write_text(
+        "def reward(prompts, completions, answer, **kw):\n"
+        "    return [float(a in c) for c, a in zip(completions, answer)]\n"
+    )
+    return root
+
+
+def base_args(lab: Path, out: Path, data: str = "data.jsonl") -> list[str]:
+    return [
+        "run", "--student", str(lab / "student"), "--teacher", f"big={lab / 'teacher'}",
+        "--context", "self+ans=ans {answer} {prompt}", "--divergence", "self+ans=jsd,beta=0.5",
+        "--data", str(lab / data), "--reward", f"{lab / 'rw.py'}:reward", "--out", str(out), *FAST,
+    ]
+
+
+@pytest.fixture(scope="module")
+def full_run(lab, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    assert cli.main(base_args(lab, out)) == 0
+    return out
+
+
+def test_run_writes_a_complete_run(full_run, capsys):
+    for f in ("records.parquet", "rollouts.parquet", "summary.json", "meta.json", "report.html"):
+        assert (full_run / f).exists(), f
+    rep = AlignmentReport.load(full_run)
+    assert rep.configs == ["big", "self+ans"]
+    assert sorted(rep.rollouts["prompt_index"].unique()) == [0, 1, 2, 3, 4]
+    meta = rep.meta
+    assert meta["interrupted"] is False and meta["completed_prompts"] == 5 == meta["total_prompts"]
+    assert meta["settings"]["num_rollouts"] == 2 and meta["configs"][1]["divergence"] == "jsd"
+    assert meta["configs"][1]["beta"] == 0.5
+    # token strings travel with the run, so `report` needs no tokenizer
+    assert all(len(t) == len(i) for t, i in zip(rep.rollouts["completion_tokens"], rep.rollouts["completion_ids"]))
+    assert all(len(t) == len(i) for t, i in zip(rep.records["candidate_tokens"], rep.records["candidate_ids"]))
+    assert {"g_norm", "d_norm"} <= set(rep.records.columns)
+
+
+def test_report_and_compare_commands(full_run, tmp_path, capsys):
+    (full_run / "report.html").unlink()
+    assert cli.main(["report", str(full_run)]) == 0
+    page = (full_run / "report.html").read_text()
+    assert 'id="questions"' in page and 'class="tok node"' in page
+    assert "big" in capsys.readouterr().out
+    out = tmp_path / "cmp.html"
+    assert cli.main(["compare", str(full_run), str(full_run), "--names", "ckpt1", "ckpt2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ckpt1" in text and "+0.000" in text
+    assert 'id="compare"' in out.read_text()
+
+
+def test_config_files_match_flags(lab, full_run, tmp_path):
+    yaml_cfg = tmp_path / "run.yaml"
+    yaml_cfg.write_text(
+        f"student: {lab / 'student'}\n"
+        f"data: {lab / 'data.parquet'}\n"
+        f"reward: {lab / 'rw.py'}:reward\n"
+        f"out: {tmp_path / 'from_yaml'}\n"
+        "teachers:\n"
+        f"  big: {lab / 'teacher'}\n"
+        "contexts:\n"
+        "  self+ans: {template: 'ans {answer} {prompt}', divergence: jsd, beta: 0.5}\n"
+        "settings: {num_rollouts: 2, max_new_tokens: 5, rollouts_per_branch: 2, bootstrap_samples: 50}\n"
+    )
+    assert cli.main(["run", "--config", str(yaml_cfg), "--no-progress", "--no-html"]) == 0
+    a = AlignmentReport.load(full_run).records
+    b = AlignmentReport.load(tmp_path / "from_yaml").records
+    np.testing.assert_allclose(a["alignment"].to_numpy(float), b["alignment"].to_numpy(float), equal_nan=True)
+    # TOML holds the same keys; flags override the file
+    toml_cfg = tmp_path / "run.toml"
+    toml_cfg.write_text(
+        f'student = "{lab / "student"}"\ndata = "{lab / "data.jsonl"}"\nreward = "{lab / "rw.py"}:reward"\n'
+        f'out = "{tmp_path / "from_toml"}"\nlimit = 2\nnum_rollouts = 3\n'
+        f'[teachers.big]\nmodel = "{lab / "teacher"}"\ndivergence = "forward_kl"\n'
+    )
+    assert cli.main(["run", "--config", str(toml_cfg), "--num-rollouts", "2", "--max-new-tokens", "4",
+                     "--rollouts-per-branch", "1", "--no-progress", "--no-html"]) == 0
+    rep = AlignmentReport.load(tmp_path / "from_toml")
+    assert rep.meta["settings"]["num_rollouts"] == 2 and rep.meta["settings"]["max_new_tokens"] == 4
+    assert rep.meta["configs"][0]["divergence"] == "forward_kl" and rep.meta["total_prompts"] == 2
+
+
+def test_params_space_flags(lab, tmp_path):
+    out = tmp_path / "params"
+    args = base_args(lab, out) + ["--space", "params", "--param-filter", "lm_head", "--limit", "2", "--no-html"]
+    assert cli.main(args) == 0
+    rec = AlignmentReport.load(out).records
+    ok = ~rec["degenerate"].astype(bool)
+    np.testing.assert_allclose(rec.loc[ok, "alignment"], rec.loc[ok, "alignment_logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "replace, extra, message",
+    [
+        ({}, ["--teacher", "big"], "use NAME=VALUE"),
+        ({"--num-rollouts": "0"}, [], "num_rollouts must be >= 1"),
+        ({"--reward": "{lab}/rw_missing.py:reward"}, [], "does not exist"),
+        ({"--reward": "json"}, [], "give MODULE:FUNCTION"),
+        ({"--reward": "{lab}/rw.py:nope"}, [], "has no attribute 'nope'"),
+        ({"--data": "{lab}/nope.jsonl"}, [], "no such file"),
+        ({"--data": "{lab}/rw.py"}, [], "use a .jsonl, .json, .parquet or .csv file"),
+        ({}, ["--divergence", "big=kl"], "unknown divergence 'kl'"),
+        ({}, ["--divergence", "big=jsd,gamma=1"], "unknown option"),
+        ({}, ["--divergence", "nobody=jsd"], "no configuration named 'nobody'"),
+        ({}, ["--context", "x={missing} {prompt}"], "names field 'missing'"),
+        ({}, ["--context", "big=again {prompt}"], "must be unique"),
+        ({}, ["--space", "params", "--param-filter", "lora"], "not a peft LoRA model"),
+        ({}, ["--param-filter", "lm_head"], "apply to space='params'"),
+        ({}, ["--tail", "drop"], "invalid choice"),
+        ({"--student": "no/such/dir"}, [], "no such directory"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(lab, tmp_path, capsys, replace, extra, message):
+    args = base_args(lab, tmp_path / "bad")
+    for flag, val in replace.items():
+        args[args.index(flag) + 1] = val.format(lab=lab)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args + extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if ln.strip() and "Loading weights" not in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("opd-diagnose run: error: ") and lines[0].endswith("(see opd-diagnose run --help)")
+    assert message in lines[0]
+
+
+def test_missing_required_and_existing_out(lab, full_run, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--student", str(lab / "student")])
+    assert "--data is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--student", str(lab / "student"), "--data", str(lab / "data.jsonl"),
+                  "--reward", f"{lab / 'rw.py'}:reward", "--out", "x"])
+    assert "no teacher configuration" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(base_args(lab, full_run))
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(lab / "nowhere")])
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+
+
+def test_ctrl_c_leaves_a_consistent_partial_report_and_resume_completes_it(lab, full_run, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    real = AlignmentEngine.run_prompt
+
+    def flaky(self, prep):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the third prompt
+        return real(self, prep)
+
+    monkeypatch.setattr(AlignmentEngine, "run_prompt", flaky)
+    assert cli.main(base_args(lab, out)) == 130
+    part = AlignmentReport.load(out)
+    assert part.meta["interrupted"] is True and part.meta["completed_prompts"] == 2
+    assert sorted(part.rollouts["prompt_index"].unique()) == [0, 1]
+    assert set(part.records["prompt_index"]) <= {0, 1}
+    assert "This run was interrupted" in (out / "report.html").read_text()
+    monkeypatch.setattr(AlignmentEngine, "run_prompt", real)
+    assert cli.main(base_args(lab, out) + ["--resume"]) == 0
+    done = AlignmentReport.load(out)
+    assert done.meta["interrupted"] is False and done.meta["completed_prompts"] == 5
+    full = AlignmentReport.load(full_run)
+    key = ["prompt_index", "rollout_index", "position", "config"]
+    a = full.records.sort_values(key).reset_index(drop=True)
+    b = done.records.sort_values(key).reset_index(drop=True)
+    np.testing.assert_allclose(a["alignment"].to_numpy(float), b["alignment"].to_numpy(float), equal_nan=True)
+    # resuming with other settings is refused
+    with pytest.raises(SystemExit):
+        cli.main(base_args(lab, out) + ["--resume", "--seed", "7"])
+
+
+def test_demo_command_forwards_flags_and_builds_html(tmp_path, monkeypatch, full_run):
+    from opd_callback import demo
+
+    seen = {}
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        out = Path(argv[argv.index("--out") + 1])
+        AlignmentReport.load(full_run).save(out)
+        return 0
+
+    monkeypatch.setattr(demo, "main", fake_main)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--quick", "--prompts", "3"]) == 0
+    assert seen["argv"] == ["--out", str(out), "--quick", "--prompts", "3"]
+    assert (out / "report.html").exists()
+
+
+def test_real_sigint_with_python_m(lab, tmp_path):
+    """A real Ctrl-C (SIGINT) to ``python -m opd_callback run``: exit status 130 and a loadable partial report."""
+    out = tmp_path / "sigint"
+    slow = tmp_path / "slow_rw.py"
+    slow.write_text(
+        "import time\n"
+        "def reward(prompts, completions, answer, **kw):\n"
+        "    time.sleep(0.05)\n"
+        "    return [float(a in c) for c, a in zip(completions, answer)]\n"
+    )
+    args = base_args(lab, out)
+    args[args.index("--reward") + 1] = f"{slow}:reward"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "opd_callback", *args, "--save-every", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not (out / "records.parquet").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (machine too fast for this check)")
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "--resume" in stderr
+    part = AlignmentReport.load(out)
+    assert part.meta["interrupted"] is True
+    done = set(part.rollouts["prompt_index"])
+    assert done and len(done) == part.meta["completed_prompts"] < 5
+    assert set(part.records["prompt_index"]) <= done

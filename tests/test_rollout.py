@@ -1,0 +1,120 @@
+"""The rollout layer: exact sampling, shared-prefix KV reuse, compaction of finished rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from opd_callback.rollout import TransformersBackend, next_token_logits
+
+V = 7
+EOS = 6
+
+
+def _model(seed: int = 0, layers: int = 2) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    m = Qwen2ForCausalLM(cfg).eval()
+    m.generation_config.top_k = 1  # must be ignored
+    m.generation_config.top_p = 0.3
+    return m
+
+
+class _Recording(TransformersBackend):
+    """Records the logits each row is sampled from at its first sampled step."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.first_logits: list[torch.Tensor] = []
+
+    def _draw(self, logits, generator):
+        if not self._seen:
+            self.first_logits.append(logits.detach().clone())
+            self._seen = True
+        return super()._draw(logits, generator)
+
+    def _decode(self, *a, **k):
+        self._seen = False
+        return super()._decode(*a, **k)
+
+
+def test_branch_cache_equals_reencoding():
+    """A branch's first distribution from the sliced base KV cache equals a fresh forward over prefix + forced."""
+    model = _model()
+    bases = [[0, 1, 2, 3, 4, 5, 1, 2, 3], [2, 2, 1, 0, 3]]
+    branches = [(0, 3, 4, 5), (0, 7, 1, 5), (1, 2, 0, 5), (1, 4, 5, 5), (0, 1, 2, 5)]
+    be = _Recording(model, eos_ids=[EOS], pad_id=EOS, batch_size=16)
+    gen = torch.Generator().manual_seed(0)
+    be.sample_branches(bases, branches, gen)
+    got = be.first_logits[0]  # one batch; rows ordered by decreasing prefix length
+    order = sorted(range(len(branches)), key=lambda k: -branches[k][1])
+    for row, k in enumerate(order):
+        b, L, j, _ = branches[k]
+        seq = bases[b][:L] + [j]
+        want = next_token_logits(model, [seq], [[len(seq)]], pad_id=EOS)[0][0]
+        torch.testing.assert_close(got[row].float(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_branches_respect_limits_and_eos():
+    model = _model(1)
+    be = TransformersBackend(model, eos_ids=[EOS], pad_id=EOS, batch_size=3)
+    bases = [[0, 1, 2, 3, 4, 5, 1]]
+    branches = [(0, 2, 1, m) for m in (1, 2, 5, 9, 0)]
+    out = be.sample_branches(bases, branches, torch.Generator().manual_seed(1))
+    for (b, L, j, m), cont in zip(branches, out):
+        assert len(cont) <= m
+        assert EOS not in cont[:-1]
+        if len(cont) < m:
+            assert cont and cont[-1] == EOS
+    assert out[-1] == []
+
+
+def test_sampling_ignores_generation_config_and_matches_softmax():
+    """First sampled token frequencies follow softmax(z / tau) although generation_config says top_k=1."""
+    model = _model(2)
+    tau = 0.8
+    be = TransformersBackend(model, eos_ids=[EOS], pad_id=EOS, temperature=tau, batch_size=512)
+    prefix = [0, 3, 1]
+    n = 4000
+    out = be.sample([prefix] * n, [1] * n, torch.Generator().manual_seed(3))
+    counts = torch.bincount(torch.tensor([o[0] for o in out]), minlength=V).double()
+    z = next_token_logits(model, [prefix], [[len(prefix)]], pad_id=EOS)[0][0].double()
+    p = torch.softmax(z / tau, -1)
+    # every cell within 4.5 binomial standard errors
+    se = torch.sqrt(n * p * (1 - p))
+    assert torch.all((counts - n * p).abs() <= 4.5 * se + 1), (counts, n * p)
+    assert (counts > 0).sum() >= 3  # top_k=1 would give a single token
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_engine_paths_agree_in_distribution(prefix_cache):
+    """Both engine paths give continuations whose mean length agrees (same distribution) within sampling error."""
+    model = _model(3, layers=1)
+    be = TransformersBackend(model, eos_ids=[EOS], pad_id=EOS, batch_size=256)
+    bases = [[0, 1, 2, 3, 4]]
+    n = 1500
+    branches = [(0, 3, 2, 6)] * n
+    gen = torch.Generator().manual_seed(4)
+    if prefix_cache:
+        out = be.sample_branches(bases, branches, gen)
+    else:
+        out = be.sample([bases[0][:3] + [2]] * n, [6] * n, gen)
+    lengths = torch.tensor([len(o) for o in out], dtype=torch.float64)
+    # exact expected first-token EOS probability from the model
+    z = next_token_logits(model, [[0, 1, 2, 2]], [[4]], pad_id=EOS)[0][0].double()
+    p_eos = float(torch.softmax(z, -1)[EOS])
+    frac = float((lengths == 1).double().mean())
+    assert abs(frac - p_eos) <= 4.5 * math.sqrt(p_eos * (1 - p_eos) / n) + 1e-3
