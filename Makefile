@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m opd_callback.demo
+	$(PY) -m opd_callback demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

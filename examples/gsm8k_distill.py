@@ -46,7 +46,7 @@ own defaults (``num_rollouts=4``, ``max_nodes_per_rollout=8``, ``teacher_top_k=2
 wall time is logged as ``opd/seconds``; pass ``--run-at-start`` to read it before the first step and adjust
 ``--every-n-steps`` (aim for a diagnostic costing no more than ~5-10% of the steps between two of them). On the
 offline toy lab (2-core CPU, ``benchmarks/bench_overhead.py``) one diagnostic cost ~24 training steps with these
-settings and ~106 with the library defaults; GPU costs were not measured (see examples/README.md).
+settings and ~110 with the library defaults; GPU costs were not measured (see examples/README.md).
 
 Offline smoke test (CPU, no Hub, well under a minute): ``--tiny`` swaps in the toy lab of ``opd_callback.toy`` (a
 character-level 3-digit-addition task, tiny Qwen2 models, ``toy.reward_fn``) with a few steps::

@@ -217,8 +217,9 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
             self.stopped_step = int(step)
             self.reason = (
                 f"{key} stayed below {self.threshold:g} for {self.bad_count} consecutive diagnostics (last value "
-                f"{value:.4f} at step {step}): the teacher configuration {self.config!r} is pushing the student "
-                "against the gradient of its own success on the probe set. Stopping training and saving a checkpoint."
+                f"{value:.4f} at step {step}): the distillation direction of teacher configuration {self.config!r} is "
+                "poorly aligned with the gradient of the student's own success on the probe set. Stopping training "
+                "and saving a checkpoint."
             )
             message = "AlignmentEarlyStopping: " + self.reason
         return {"status": status, "value": value, "stop": stop, "message": message}
@@ -398,7 +399,12 @@ class GradientAlignmentCallback(TrainerCallback):
         probe_dataset: the fixed probe prompts (list of dicts or ``datasets.Dataset`` with ``prompt`` and the columns
             the reward and templates use). Default: a fixed random sample of ``probe_size`` rows of
             ``trainer.train_dataset`` (seeded by ``settings.seed``).
-        every_n_steps: diagnose when ``global_step % every_n_steps == 0``.
+        every_n_steps: ``None`` (default): a **time budget** — the first diagnostic runs at step ``first_step``, and each
+            later one is scheduled so that the diagnostics' total wall time stays within ``max_overhead`` of the
+            training's wall time (measured: seconds per training step and per diagnostic). An int: a fixed cadence,
+            diagnose when ``global_step % every_n_steps == 0``.
+        max_overhead: the budget of the default schedule (0.1 = diagnostics take at most ~10% of training time).
+        first_step: step of the first diagnostic under the default schedule.
         configs: alternative :class:`~opd_callback.TeacherConfig` s scored side by side with ``current``.
         settings: :class:`~opd_callback.RolloutSettings`. Default: ``RolloutSettings`` with the trainer's sampling
             temperature and completion length.
@@ -420,7 +426,7 @@ class GradientAlignmentCallback(TrainerCallback):
         trainer: Any,
         reward_fn: Callable[..., Sequence[float]],
         probe_dataset: Any = None,
-        every_n_steps: int = 50,
+        every_n_steps: int | None = None,
         configs: Sequence[TeacherConfig] = (),
         settings: RolloutSettings | None = None,
         early_stopping: AlignmentEarlyStopping | None = None,
@@ -433,6 +439,8 @@ class GradientAlignmentCallback(TrainerCallback):
         probe_size: int = 8,
         heatmap_config: str | None = None,
         save_records: bool = True,
+        max_overhead: float = 0.1,
+        first_step: int = 50,
     ) -> None:
         if trainer is None or not hasattr(trainer, "callback_handler"):
             raise TypeError(
@@ -441,8 +449,12 @@ class GradientAlignmentCallback(TrainerCallback):
             )
         if not callable(reward_fn):
             raise TypeError("reward_fn must be callable: reward_fn(prompts, completions, **columns) -> list[float]")
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be an int >= 1 or None (time budget), got {every_n_steps!r}")
+        if not (isinstance(max_overhead, (int, float)) and 0 < max_overhead):
+            raise ValueError(f"max_overhead must be > 0 (e.g. 0.1 for 10%), got {max_overhead!r}")
+        if not isinstance(first_step, int) or first_step < 1:
+            raise ValueError(f"first_step must be an int >= 1, got {first_step!r}")
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         if not isinstance(probe_size, int) or probe_size < 1:
@@ -456,6 +468,16 @@ class GradientAlignmentCallback(TrainerCallback):
         self.trainer = trainer
         self.reward_fn = reward_fn
         self.every_n_steps = every_n_steps
+        self.max_overhead = float(max_overhead)
+        self.first_step = first_step
+        # time-budget schedule (every_n_steps=None); decided on the main process, broadcast with each diagnostic
+        self._next_step: int = first_step
+        self._prev_diag_step: int = 0
+        self._t_mark: float | None = None
+        self._step_mark: int = 0
+        self._train_seconds = 0.0
+        self._train_steps = 0
+        self._diag_seconds = 0.0
         self.alternatives = configs
         self.include_current = bool(include_current)
         self.run_at_start = bool(run_at_start)
@@ -655,13 +677,13 @@ class GradientAlignmentCallback(TrainerCallback):
             cost = estimate_continuations(self.settings, len(self.probe_rows), len(self.config_names))
             desc = f"; current = {self.spec.description}" if CURRENT in self.config_names else ""
             logger.info(
-                "GradientAlignmentCallback on %s: configurations %s%s; probe: %s; every %d steps; at most ~%d "
+                "GradientAlignmentCallback on %s: configurations %s%s; probe: %s; every %s steps; at most ~%d "
                 "continuations per diagnostic (%s).",
                 self.spec.trainer_name,
                 self.config_names,
                 desc,
                 self.probe_source,
-                self.every_n_steps,
+                self.every_n_steps if self.every_n_steps else f"auto (<= {self.max_overhead:.0%} of training time)",
                 cost,
                 "split over %d processes" % world if world > 1 else "one process",
             )
@@ -674,6 +696,9 @@ class GradientAlignmentCallback(TrainerCallback):
                     "will read them together with this run's (steps are overwritten as they are diagnosed).",
                     d,
                 )
+        self._t_mark, self._step_mark = time.perf_counter(), state.global_step
+        if self.every_n_steps is None and state.global_step >= self._next_step:  # resumed past the first step
+            self._next_step = state.global_step + self.first_step
         if self.run_at_start and not self._already_saved(args, state.global_step):
             self._diagnose(args, state, control)
         return control
@@ -691,7 +716,11 @@ class GradientAlignmentCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         last = bool(control.should_training_stop) or (state.max_steps > 0 and step >= state.max_steps)
-        due = step % self.every_n_steps == 0 or (self.run_at_end and last)
+        if self.every_n_steps is not None:
+            due = step % self.every_n_steps == 0 or (self.run_at_end and last)
+        else:
+            # time budget: the end-of-run diagnostic also respects it (runs once half the interval has passed)
+            due = step >= self._next_step or (self.run_at_end and last and self._end_within_budget(step))
         if due and step != self._last_step:
             self._diagnose(args, state, control)
         return control
@@ -699,6 +728,8 @@ class GradientAlignmentCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         # Training stopped at a step we did not diagnose (e.g. another callback stopped it after our on_step_end).
         if self.run_at_end and self._last_step != state.global_step and self._validated:
+            if self.every_n_steps is None and not self._end_within_budget(state.global_step):
+                return control
             self._diagnose(args, state, control)
         return control
 
@@ -709,11 +740,56 @@ class GradientAlignmentCallback(TrainerCallback):
         t = self.trainer
         return self._diagnose(args or t.args, state or t.state, control or t.control)
 
+    def _end_within_budget(self, step: int) -> bool:
+        """Time budget: an end-of-run diagnostic runs once half the interval to the next scheduled one has passed
+        (step-based, so every process takes the same decision)."""
+        half = self._prev_diag_step + max(1, (self._next_step - self._prev_diag_step) // 2)
+        return step >= half
+
+    def _schedule(self, step: int, t0: float) -> int:
+        """Main process: the step of the next diagnostic under the time budget (after the one that started at t0)."""
+        now = time.perf_counter()
+        if self._t_mark is not None:
+            self._train_seconds += max(t0 - self._t_mark, 0.0)
+            self._train_steps += max(step - self._step_mark, 0)
+        diag = now - t0
+        self._diag_seconds += diag
+        if self._train_steps == 0 or self._train_seconds <= 0:
+            return step + self.first_step
+        per_step = self._train_seconds / self._train_steps
+        # next diagnostic once (diagnostics so far + one more) <= max_overhead * training time
+        need = (self._diag_seconds + diag) / self.max_overhead - self._train_seconds
+        return step + max(1, math.ceil(need / per_step))
+
     def _diagnose(self, args: Any, state: Any, control: Any) -> AlignmentReport | None:
         step = int(state.global_step)
         self._last_step = step
         world, rank, main = self.world
         t0 = time.perf_counter()
+        try:
+            return self._diagnose_inner(args, state, control, step, world, rank, main, t0)
+        finally:
+            self._after_diagnostic(step, t0, world, main)
+
+    def _after_diagnostic(self, step: int, t0: float, world: int, main: bool) -> None:
+        box = [self._schedule(step, t0) if main else None]
+        if world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(box, from_process=0)
+        self._prev_diag_step, self._next_step = step, int(box[0])
+        self._t_mark, self._step_mark = time.perf_counter(), step
+        if main and self.every_n_steps is None:
+            logger.info(
+                "GradientAlignmentCallback: next diagnostic at step %d (diagnostics %.1fs so far vs training %.1fs; "
+                "budget %.0f%%)",
+                self._next_step,
+                self._diag_seconds,
+                self._train_seconds,
+                100 * self.max_overhead,
+            )
+
+    def _diagnose_inner(self, args, state, control, step, world, rank, main, t0) -> AlignmentReport | None:
         mine = [i for i in range(len(self.probe_rows)) if i % world == rank]
         local_error = None
         payload: dict | None = None

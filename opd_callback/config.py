@@ -153,7 +153,10 @@ class RolloutSettings:
             "nodes, then spend the rest of the node's budget with n_j proportional to P_j * sigma_j (Neyman)."
         },
     )
-    adaptive_initial: int = field(default=2, metadata={"help": "Adaptive: first-round continuations per candidate."})
+    adaptive_initial: int = field(
+        default=2,
+        metadata={"help": "Adaptive: minimum first-round continuations per candidate (at least rollouts_per_branch/4)."},
+    )
     budget: int | None = field(
         default=None,
         metadata={"help": "Adaptive: continuations per node (default rollouts_per_branch x live candidates)."},

@@ -186,9 +186,10 @@ def run_training_demos(out: Path, seed: int = 0, quick: bool = False) -> dict:
         quick=quick,
     )
     _print_run(strong)
-    # The wrong teacher drives training. Early stopping watches the teacher advantage of the current configuration:
-    # below 0 means adopting the teacher's distribution at the probed tokens would lower the success rate.
-    stopper = oc.AlignmentEarlyStopping(metric="teacher_advantage", threshold=0.0, patience=2, config="current")
+    # The wrong teacher drives training. Early stopping watches the mean alignment of the current configuration:
+    # the strong teacher's stays in 0.52-0.65 during run 1; two consecutive diagnostics below 0.5 stop the run.
+    # (Its teacher advantage, the other natural signal, goes to ~0 as the student absorbs the wrong rule.)
+    stopper = oc.AlignmentEarlyStopping(metric="alignment", threshold=0.5, patience=2, config="current")
     wrong = _run_one(
         "wrong",
         out / "train-wrong",

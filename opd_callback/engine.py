@@ -456,7 +456,8 @@ class AlignmentEngine:
         if not st.adaptive:
             run([(key, st.rollouts_per_branch) for key in live])
         else:
-            n0 = min(st.adaptive_initial, st.rollouts_per_branch)
+            # first round: at least a quarter of the per-candidate budget (sigma estimates and saturation need data)
+            n0 = min(max(st.adaptive_initial, math.ceil(st.rollouts_per_branch / 4)), st.rollouts_per_branch)
             run([(key, n0) for key in live])
             by_node: dict[tuple[int, int], list[int]] = {}
             for node, slot in live:

@@ -443,3 +443,30 @@ def test_cost_estimate_matches_settings():
     s = tiny_settings()
     # 3 prompts x 2 rollouts x min(2 nodes, 3 windows for 4 tokens) x (2 + 2*1 + 1) candidates x 2 continuations
     assert estimate_continuations(s, 3, 2) == 3 * 2 * 2 * 5 * 2
+
+
+def test_time_budget_schedule(tmp_path):
+    """every_n_steps=None: first diagnostic at first_step; later ones only while diagnostics fit max_overhead."""
+    # a budget so large that every step is due after the first diagnostic
+    run, _ = _trainer(tmp_path / "big", max_steps=5)
+    cb = oc.GradientAlignmentCallback(
+        run, reward_fn=accuracy_reward, first_step=2, max_overhead=1e9, configs=_alt(), settings=tiny_settings()
+    )
+    run.add_callback(cb)
+    run.train()
+    assert [h["step"] for h in cb.history] == [2, 3, 4, 5]
+    assert cb._diag_seconds > 0 and cb._train_seconds > 0
+    # a budget so small that, after the first diagnostic, none fits (not even the end-of-run one)
+    run, _ = _trainer(tmp_path / "small", max_steps=6)
+    cb = oc.GradientAlignmentCallback(
+        run, reward_fn=accuracy_reward, first_step=2, max_overhead=1e-6, configs=_alt(), settings=tiny_settings()
+    )
+    run.add_callback(cb)
+    run.train()
+    assert [h["step"] for h in cb.history] == [2]
+    assert cb._next_step > 6
+    # the schedule obeys the budget: (diagnostic time + one more) <= max_overhead * training time at the next step
+    per_step = cb._train_seconds / cb._train_steps
+    assert cb._diag_seconds * 2 <= 1e-6 * (cb._train_seconds + per_step * (cb._next_step - 2)) * 1.0001
+    with pytest.raises(ValueError, match="max_overhead"):
+        oc.GradientAlignmentCallback(run, reward_fn=accuracy_reward, max_overhead=0)

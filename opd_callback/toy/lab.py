@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -35,7 +37,7 @@ from .train import encode_items, num_threads, sample_accuracy, train_lm
 __all__ = ["ToyLab", "build_lab", "default_cache_dir", "LAB_VERSION", "MODEL_NAMES"]
 
 # Bump whenever the task format, tokenizer, model sizes or training recipe change.
-LAB_VERSION = "toy-v2"
+LAB_VERSION = "toy-v4"
 MODEL_NAMES = ("student", "strong_teacher", "wrong_teacher")
 
 N_TRAIN = 30000
@@ -54,15 +56,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     # either too good on plain prompts or too bad with context.
     "student": dict(
         hidden_size=64, num_layers=2, lr=3e-3, batch_size=64,
-        copy=dict(mix={"answer": 0.3, "solution": 0.7}, max_steps=700, total_steps=700,
-                  check_from=200, check_every=25, stop_solution=0.95),
-        mix=dict(mix={"answer": 0.15, "solution": 0.35}, max_steps=800, total_steps=800, warmup=10,
-                 check_from=50, check_every=20, stop_plain=0.45, stop_plain_hard=0.62, stop_solution=0.9),
+        copy=dict(mix={"answer": 0.0, "solution": 1.0}, max_steps=700, total_steps=700,
+                  check_from=150, check_every=25, stop_solution=0.9),
+        mix=dict(mix={"answer": 0.15, "solution": 0.3}, max_steps=800, total_steps=800, warmup=10,
+                 check_from=150, check_every=20, stop_plain=0.45, stop_plain_hard=0.62, stop_solution=0.9),
     ),
     "strong_teacher": dict(
         hidden_size=64, num_layers=2, lr=3e-3, batch_size=64, total_steps=900, max_steps=1400,
         check_from=450, check_every=50, stop_acc=0.97,
     ),
+    # The wrong teacher is trained from scratch on the corrupted (no-carry) rule, like the strong teacher on the
+    # right one: a fine-tuned copy of the strong teacher agrees with it so closely outside carry tokens that its
+    # mean alignment is indistinguishable from the strong teacher's (measured: 0.73 vs 0.70 on the demo).
     "wrong_teacher": dict(
         hidden_size=64, num_layers=2, lr=3e-3, batch_size=64, total_steps=800, max_steps=1200,
         check_from=350, check_every=50, stop_acc=0.95,
@@ -105,11 +110,13 @@ class ToyLab:
 
     def load_model(self, name: str) -> Qwen2ForCausalLM:
         """A fresh copy of a model from disk (eval mode), e.g. to train without touching the lab's."""
-        model = Qwen2ForCausalLM.from_pretrained(self.model_path(name))
+        with _quiet_hf():
+            model = Qwen2ForCausalLM.from_pretrained(self.model_path(name))
         return model.eval()
 
     def load_tokenizer(self) -> PreTrainedTokenizerFast:
-        return PreTrainedTokenizerFast.from_pretrained(self.model_path("student"))
+        with _quiet_hf():
+            return PreTrainedTokenizerFast.from_pretrained(self.model_path("student"))
 
     # -- prompts ------------------------------------------------------------------------
     @staticmethod
@@ -224,10 +231,12 @@ def _train_student(tok, train, val, seed: int, log) -> tuple[Qwen2ForCausalLM, d
     )
     m = r["mix"]
 
+    last = {"acc": 0.0}
+
     def check_mix(step, loss):
-        if step < m["check_from"]:
-            return False
-        acc = sample_accuracy(model, tok, val, seed=seed + 100000 + step)
+        if step < m["check_from"] or (last["acc"] < 0.15 and step % (2 * m["check_every"])):
+            return False  # check half as often while far from the target
+        acc = last["acc"] = sample_accuracy(model, tok, val, seed=seed + 100000 + step)
         entry = {"phase": "mix", "step": step, "loss": round(loss, 5), "acc": acc}
         stop = False
         if acc >= m["stop_plain"]:
@@ -245,10 +254,13 @@ def _train_student(tok, train, val, seed: int, log) -> tuple[Qwen2ForCausalLM, d
     return model, info
 
 
-def _train_teacher(name: str, tok, train, val, seed: int, log) -> tuple[Qwen2ForCausalLM, dict]:
+def _train_teacher(name: str, tok, train, val, seed: int, log, init=None) -> tuple[Qwen2ForCausalLM, dict]:
     r = RECIPES[name]
     model_seed = seed * 1000 + MODEL_NAMES.index(name) + 1
-    model = _new_model(tok, model_seed, r)
+    if init is not None:
+        model = copy.deepcopy(init)
+    else:
+        model = _new_model(tok, model_seed, r)
     info: dict[str, Any] = {"checks": []}
 
     def check(step, loss):
@@ -263,7 +275,7 @@ def _train_teacher(name: str, tok, train, val, seed: int, log) -> tuple[Qwen2For
     _, info["steps"] = train_lm(
         model, encode_items(tok, [e["prompt"] for e in train], [e["solution"] for e in train]), tok.pad_token_id,
         steps=r["max_steps"], total_steps=r["total_steps"], batch_size=r["batch_size"], lr=r["lr"],
-        seed=model_seed, callback=check, callback_every=r["check_every"],
+        warmup=r.get("warmup", 50), seed=model_seed, callback=check, callback_every=r["check_every"],
     )
     return model, info
 
@@ -275,11 +287,12 @@ def _train_and_save(names: Sequence[str], out_dir: str, seed: int, verbose: bool
     (used both in worker processes and, as a fallback, in the calling process).
     """
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if verbose else None
-    with num_threads(1):
+    with num_threads(1), _quiet_hf():
         tok = build_tokenizer()
         train, val, probe = _split_examples(seed)
         acc_seed = seed + 12345
         result: dict[str, Any] = {"accuracy": {}, "models": {}}
+        trained: dict[str, Qwen2ForCausalLM] = {}
         for name in names:
             t0 = time.perf_counter()
             if log:
@@ -289,7 +302,14 @@ def _train_and_save(names: Sequence[str], out_dir: str, seed: int, verbose: bool
             elif name == "strong_teacher":
                 model, info = _train_teacher(name, tok, train, val, seed, log)
             else:
-                model, info = _train_teacher(name, tok, _with_wrong_rule(train), _with_wrong_rule(val), seed, log)
+                init = RECIPES[name].get("init_from")
+                if init is not None and init not in trained:
+                    trained[init] = Qwen2ForCausalLM.from_pretrained(Path(out_dir) / init)
+                model, info = _train_teacher(
+                    name, tok, _with_wrong_rule(train), _with_wrong_rule(val), seed, log,
+                    init=trained[init] if init is not None else None,
+                )
+            trained[name] = model
             info["train_seconds"] = round(time.perf_counter() - t0, 2)
             info["params"] = sum(p.numel() for p in model.parameters())
             acc = result["accuracy"]
@@ -320,24 +340,55 @@ def _num_workers() -> int:
         return 2
 
 
-def _train_all(out_dir: Path, seed: int, verbose: bool) -> None:
-    """Train all models into ``out_dir`` (two spawned worker processes unless OPD_TOY_WORKERS=1)."""
-    t_start = time.perf_counter()
-    results: list[dict] = []
-    workers = min(_num_workers(), len(WORKER_JOBS))
-    if workers > 1:
-        try:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
+def _run_workers(out_dir: Path, seed: int, verbose: bool) -> list[dict] | None:
+    """Run ``_train_and_save`` for each of ``WORKER_JOBS`` in fresh Python processes
+    (``python -m opd_callback.toy._worker``; a fresh interpreter, so nothing of the caller's
+    ``__main__`` is re-run). Returns None if the processes cannot be started."""
+    pkg_root = str(Path(__file__).resolve().parents[2])  # the folder containing opd_callback/
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env["OMP_NUM_THREADS"] = "1"
+    procs: list[tuple[subprocess.Popen, Path]] = []
+    try:
+        for i, job in enumerate(WORKER_JOBS):
+            result_path = out_dir / f".worker{i}.json"
+            args = json.dumps({"names": list(job), "out_dir": str(out_dir), "seed": seed, "verbose": verbose,
+                               "result_path": str(result_path)})
+            cmd = [sys.executable, "-m", "opd_callback.toy._worker", args]
+            procs.append((subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL), result_path))
+    except OSError as e:
+        if verbose:
+            print(f"[opd_callback.toy] cannot start worker processes ({e!r}); training in-process", file=sys.stderr)
+        for proc, _ in procs:
+            proc.kill()
+            proc.wait()
+        return None
+    results = []
+    try:
+        for proc, result_path in procs:
+            rc = proc.wait()
+            if rc != 0 or not result_path.is_file():
+                raise RuntimeError(f"opd_callback.toy training worker failed with exit code {rc} (see its stderr above)")
+            results.append(json.loads(result_path.read_text()))
+            result_path.unlink()
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-                futs = [ex.submit(_train_and_save, job, str(out_dir), seed, verbose) for job in WORKER_JOBS]
-                results = [f.result() for f in futs]
-        except (OSError, RuntimeError, ImportError) as e:  # e.g. no process spawning allowed
-            if verbose:
-                print(f"[opd_callback.toy] worker processes failed ({e!r}); training in-process", file=sys.stderr)
-            results = []
-    if not results:
+
+def _train_all(out_dir: Path, seed: int, verbose: bool) -> None:
+    """Train all models into ``out_dir``: two worker processes (one per core, one thread each)
+    unless ``OPD_TOY_WORKERS=1``, in which case everything runs in this process (same result)."""
+    t_start = time.perf_counter()
+    workers = min(_num_workers(), len(WORKER_JOBS))
+    results = _run_workers(out_dir, seed, verbose) if workers > 1 else None
+    if results is None:
+        workers = 1
         results = [_train_and_save(job, str(out_dir), seed, verbose) for job in WORKER_JOBS]
     t_total = time.perf_counter() - t_start
 
@@ -369,6 +420,20 @@ def _train_all(out_dir: Path, seed: int, verbose: bool) -> None:
 
 
 @contextlib.contextmanager
+def _quiet_hf():
+    """Temporarily disable transformers' progress bars (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _locked(lock_path: Path):
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as fh:
@@ -386,8 +451,9 @@ def _is_complete(d: Path) -> bool:
 def _load(d: Path, seed: int) -> ToyLab:
     with open(d / "lab.json") as f:
         info = json.load(f)
-    tok = PreTrainedTokenizerFast.from_pretrained(d / "student")
-    models = {n: Qwen2ForCausalLM.from_pretrained(d / n).eval() for n in MODEL_NAMES}
+    with _quiet_hf():
+        tok = PreTrainedTokenizerFast.from_pretrained(d / "student")
+        models = {n: Qwen2ForCausalLM.from_pretrained(d / n).eval() for n in MODEL_NAMES}
     train, _, probe = _split_examples(seed)
     return ToyLab(
         tokenizer=tok,

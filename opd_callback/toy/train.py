@@ -53,16 +53,22 @@ def _collate(items: Sequence[tuple[list[int], int]], pad_id: int):
 
 
 def _batches(items: Sequence[tuple[list[int], int]], batch_size: int, gen: torch.Generator) -> list[list[int]]:
-    """One epoch of batches: shuffled, then grouped by sequence length (less padding), then
-    the batch order shuffled again. Deterministic given ``gen``."""
+    """One epoch of batches (item indices) from a seeded permutation."""
     perm = torch.randperm(len(items), generator=gen).tolist()
-    out: list[list[int]] = []
-    chunk = batch_size * 16
-    for i in range(0, len(perm), chunk):
-        group = sorted(perm[i : i + chunk], key=lambda j: len(items[j][0]))
-        out.extend(group[k : k + batch_size] for k in range(0, len(group) - batch_size + 1, batch_size))
-    order = torch.randperm(len(out), generator=gen).tolist()
-    return [out[k] for k in order]
+    return [perm[k : k + batch_size] for k in range(0, len(perm) - batch_size + 1, batch_size)]
+
+
+def _micro_batches(idx: list[int], items: Sequence[tuple[list[int], int]], ratio: float = 1.25) -> list[list[int]]:
+    """Split a batch into micro-batches of similar sequence length (less padding); the
+    gradient of the whole batch is accumulated over them, so batches stay mixed."""
+    idx = sorted(idx, key=lambda i: len(items[i][0]))
+    groups: list[list[int]] = []
+    for i in idx:
+        if groups and len(items[i][0]) <= ratio * len(items[groups[-1][0]][0]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def train_lm(
@@ -90,7 +96,8 @@ def train_lm(
     The data order is deterministic from ``seed``. ``callback(step, ema_loss)`` is called
     every ``callback_every`` steps with the model in eval mode; returning True stops training.
     Pass ``optimizer`` to continue with an existing AdamW state. Returns the optimizer and the
-    number of steps done. The model is left in eval mode.
+    number of steps done. The model is left in eval mode. The loss is the mean over the batch's
+    completion tokens; each batch is run as micro-batches of similar length (less padding).
     """
     total_steps = total_steps or steps
     if optimizer is None:
@@ -118,15 +125,24 @@ def train_lm(
             batches = _batches(items, batch_size, gen)
             batches.reverse()
         idx = batches.pop()
-        input_ids, attn, labels = _collate([items[i] for i in idx], pad_id)
+        n_tokens = sum(len(items[i][0]) - items[i][1] for i in idx)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
-        out = model(input_ids=input_ids, attention_mask=attn, labels=labels, use_cache=False)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss = 0.0
+        for group in _micro_batches(idx, items):
+            input_ids, attn, labels = _collate([items[i] for i in group], pad_id)
+            logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
+            part = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            ) / n_tokens
+            part.backward()
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        loss = out.loss.item()
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         done = step + 1
         if log is not None and done % 200 == 0:
