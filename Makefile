@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
-	else $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu \
+	else $(PY) -m pip install -q --retries 0 --timeout 10 "torch==$(TORCH_VERSION)" \
+	         --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
 	     || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
