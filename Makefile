@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test clean
 
 setup: $(STAMP)
 
@@ -30,9 +30,6 @@ demo: $(STAMP)
 	$(PY) -m opd_callback demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
-
-test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:

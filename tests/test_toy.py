@@ -256,7 +256,7 @@ def lab_and_time(tmp_path_factory):
     return lab, time.perf_counter() - t0
 
 
-@pytest.mark.slow
+
 def test_lab_accuracy_bands(lab_and_time):
     lab, seconds = lab_and_time
     acc = lab.accuracy
@@ -270,7 +270,7 @@ def test_lab_accuracy_bands(lab_and_time):
     assert acc["wrong_teacher@no_carry_rule"] >= 0.8
 
 
-@pytest.mark.slow
+
 def test_lab_contents(lab_and_time, tok):
     lab, _ = lab_and_time
     assert lab.path.name == f"{lab_mod.LAB_VERSION}-seed0"
@@ -296,7 +296,7 @@ def test_lab_contents(lab_and_time, tok):
     assert lab.prompts(lab.probe_examples[:1], context="solution") == [SOLUTION_TEMPLATE.format(**lab.probe_examples[0])]
 
 
-@pytest.mark.slow
+
 def test_lab_loads_from_cache_quickly(lab_and_time):
     lab, _ = lab_and_time
     t0 = time.perf_counter()
@@ -310,3 +310,30 @@ def test_lab_loads_from_cache_quickly(lab_and_time):
     assert [e["prompt"] for e in again.probe_examples] == [e["prompt"] for e in lab.probe_examples]
     fresh = lab.load_model("student")
     assert fresh is not lab.student and not fresh.training
+
+
+def test_wrong_teacher_ranks_below_strong_teacher(lab_and_time):
+    """On the toy lab (fixed seeds) the wrong teacher's mean alignment is below the strong teacher's, with the
+    question-bootstrap intervals apart, and its teacher advantage is negative."""
+    import opd_callback as oc
+    from opd_callback.toy import reward_fn
+
+    lab, _ = lab_and_time
+    report = oc.diagnose(
+        lab.student,
+        lab.tokenizer,
+        lab.probe_examples[:8],
+        reward_fn=reward_fn,
+        configs=[
+            oc.TeacherConfig("strong", oc.ExternalTeacher(lab.strong_teacher)),
+            oc.TeacherConfig("wrong", oc.ExternalTeacher(lab.wrong_teacher)),
+        ],
+        settings=oc.RolloutSettings(num_rollouts=2, max_new_tokens=40, nodes_per_window=2, max_nodes_per_rollout=10,
+                                    top_k=3, teacher_top_k=1, rollouts_per_branch=4, batch_size=512, seed=0),
+        progress=False,
+    )
+    s = {r["config"]: r for r in report.config_summary()}
+    print(report.format_table())
+    assert s["wrong"]["alignment_mean"] < s["strong"]["alignment_mean"]
+    assert s["wrong"]["ci_high"] < s["strong"]["ci_low"]
+    assert s["wrong"]["teacher_advantage"] < 0 < s["strong"]["teacher_advantage"]
