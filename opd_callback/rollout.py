@@ -156,6 +156,7 @@ class TransformersBackend(RolloutBackend):
         self.batch_size = int(batch_size)
         self.tokens_generated = 0
         self.prefill_tokens = 0
+        self.preallocate = True  # branch caches in preallocated buffers (no per-step concatenation)
 
     @property
     def device(self) -> torch.device:
@@ -191,7 +192,12 @@ class TransformersBackend(RolloutBackend):
         self.prefill_tokens += int(mask.sum())
         rows = torch.as_tensor(chunk, device=device)
         limits = torch.as_tensor([max_new_tokens[k] for k in chunk], device=device)
-        self._decode(out.logits[:, -1], _out_cache(out), mask, pos[:, -1] + 1, rows, limits, generator, results)
+        cache = _out_cache(out)
+        layers = _kv_layers(cache) if self.preallocate else None
+        if layers is not None:
+            capacity = ids.shape[1] + max(max_new_tokens[k] for k in chunk)
+            cache.layers = [_BufferedLayer(k, v, capacity) for k, v in layers]
+        self._decode(out.logits[:, -1], cache, mask, pos[:, -1] + 1, rows, limits, generator, results)
 
     def _decode(self, logits, cache, mask, next_pos, rows, limits, generator, results) -> None:
         """Sample until every row has hit EOS or its limit. ``logits`` predict each row's next token."""
@@ -273,13 +279,17 @@ class TransformersBackend(RolloutBackend):
         mask[:, :lmax] = valid.long()
         mask[:, lmax] = 1
         cache = DynamicCache()
+        capacity = lmax + 1 + max(int(branches[k][3]) for k in chunk)
         for li, (k, v) in enumerate(layers):
             kk = k[base_rows]  # [B, H, W, D]
             vv = v[base_rows]
             idx = src[:, None, :, None].expand(B, kk.shape[1], lmax, kk.shape[3])
             kk = torch.gather(kk, 2, idx) * valid[:, None, :, None]
             vv = torch.gather(vv, 2, idx) * valid[:, None, :, None]
-            cache.update(kk, vv, li)
+            if self.preallocate and len(cache.layers) == li:
+                cache.layers.append(_BufferedLayer(kk, vv, capacity))
+            else:
+                cache.update(kk, vv, li)
         forced = torch.as_tensor([int(branches[k][2]) for k in chunk], device=device)
         positions = torch.as_tensor(Ls, device=device)
         out = self.model(
@@ -292,6 +302,73 @@ class TransformersBackend(RolloutBackend):
         rows = torch.as_tensor(chunk, device=device)
         limits = torch.as_tensor([int(branches[k][3]) for k in chunk], device=device)
         self._decode(out.logits[:, -1], _out_cache(out), mask, positions + 1, rows, limits, generator, results)
+
+
+def _buffered_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """A dynamic cache layer whose keys/values live in a preallocated buffer: appending a token writes in place
+        instead of concatenating (``DynamicLayer.update`` copies the whole cache at every decoding step)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+            super().__init__()
+            b, h, n, _ = keys.shape
+            cap = max(int(capacity), n)
+            self._k = keys.new_empty((b, h, cap, keys.shape[-1]))
+            self._v = values.new_empty((b, h, cap, values.shape[-1]))
+            self._k[:, :, :n] = keys
+            self._v[:, :, :n] = values
+            self._n = n
+            self.device = keys.device
+            self.is_initialized = True
+            self._sync()
+
+        def _sync(self) -> None:
+            self.keys = self._k[:, :, : self._n]
+            self.values = self._v[:, :, : self._n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            m = key_states.shape[-2]
+            if self._n + m > self._k.shape[2]:  # grow (not expected: capacity covers the longest continuation)
+                grow = max(m, self._k.shape[2])
+                self._k = torch.cat([self._k, self._k.new_empty(self._k.shape[:2] + (grow, self._k.shape[3]))], 2)
+                self._v = torch.cat([self._v, self._v.new_empty(self._v.shape[:2] + (grow, self._v.shape[3]))], 2)
+            self._k[:, :, self._n : self._n + m] = key_states
+            self._v[:, :, self._n : self._n + m] = value_states
+            self._n += m
+            self._sync()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._n
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._k = self._k[indices]
+            self._v = self._v[indices]
+            self._sync()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove < 0:
+                self._n = max(self._n + tokens_to_remove, 0)
+                self._sync()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self._sync()
+
+    return BufferedLayer
+
+
+_BUFFERED = None
+
+
+def _BufferedLayer(keys, values, capacity):  # noqa: N802 - a factory that builds the class lazily
+    global _BUFFERED
+    if _BUFFERED is None:
+        _BUFFERED = _buffered_layer_class()
+    return _BUFFERED(keys, values, capacity)
 
 
 def _kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

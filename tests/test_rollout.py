@@ -118,3 +118,24 @@ def test_engine_paths_agree_in_distribution(prefix_cache):
     p_eos = float(torch.softmax(z, -1)[EOS])
     frac = float((lengths == 1).double().mean())
     assert abs(frac - p_eos) <= 4.5 * math.sqrt(p_eos * (1 - p_eos) / n) + 1e-3
+
+
+@pytest.mark.parametrize("path", ["sample", "branches"])
+def test_preallocated_cache_matches_concatenating_cache(path):
+    """The in-place KV buffers give the same samples as transformers' concatenating DynamicCache (same seed),
+    including after finished rows are compacted away."""
+    model = _model(5)
+    outs = []
+    for prealloc in (True, False):
+        be = TransformersBackend(model, eos_ids=[EOS], pad_id=EOS, batch_size=64)
+        be.preallocate = prealloc
+        gen = torch.Generator().manual_seed(7)
+        if path == "sample":
+            prefixes = [[0, 1, 2], [3, 4], [1, 1, 1, 2, 5], [2]] * 8
+            outs.append(be.sample(prefixes, [12] * len(prefixes), gen))
+        else:
+            bases = [[0, 1, 2, 3, 4, 5, 1, 2, 3], [2, 2, 1, 0, 3]]
+            branches = [(0, 3, 4, 12), (0, 7, 1, 9), (1, 2, 0, 12), (1, 4, 5, 6)] * 8
+            outs.append(be.sample_branches(bases, branches, gen))
+    assert outs[0] == outs[1]
+    assert any(len(o) < 9 for o in outs[0]) and any(len(o) >= 9 for o in outs[0])  # rows finished at different steps
