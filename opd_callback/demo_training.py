@@ -167,11 +167,11 @@ def run_training_demos(out: Path, seed: int = 0, quick: bool = False) -> dict:
     from opd_callback import toy
 
     lab = toy.build_lab(seed=seed, verbose=False)
-    alt_common = [
-        oc.TeacherConfig("self+answer", oc.ContextTeacher(toy.ANSWER_TEMPLATE)),
-        oc.TeacherConfig("self+solution", oc.ContextTeacher(toy.SOLUTION_TEMPLATE)),
-        oc.TeacherConfig("self+misleading", oc.ContextTeacher(toy.MISLEADING_TEMPLATE)),
-    ]
+    from .demo import demo_configs
+
+    def others(current: str) -> list:  # the core demo's five configurations, less the trainer's own teacher
+        return [c for c in demo_configs(lab) if c.name != current]
+
     steps = 20 if quick else 40
     every = 10 if quick else 20
     strong = _run_one(
@@ -179,7 +179,7 @@ def run_training_demos(out: Path, seed: int = 0, quick: bool = False) -> dict:
         out / "train-strong",
         lab,
         lab.strong_teacher,
-        [oc.TeacherConfig("wrong-teacher", oc.ExternalTeacher(lab.wrong_teacher)), *alt_common],
+        others("strong-teacher"),
         steps=steps,
         every=every,
         seed=seed,
@@ -195,7 +195,7 @@ def run_training_demos(out: Path, seed: int = 0, quick: bool = False) -> dict:
         out / "train-wrong",
         lab,
         lab.wrong_teacher,
-        [oc.TeacherConfig("strong-teacher", oc.ExternalTeacher(lab.strong_teacher)), *alt_common],
+        others("wrong-teacher"),
         steps=steps * 2,
         every=every // 2,
         seed=seed,
