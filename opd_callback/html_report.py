@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .html import alignment_color  # one colour scale with the wandb token heatmap
 
 __all__ = ["build_html", "build_compare_html", "alignment_color", "SECTIONS"]
 
@@ -33,19 +34,6 @@ SECTIONS = (
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
 GREEN, RED = "#1a9850", "#d73027"
-
-try:  # one colour scale with the wandb token heatmap when it is available
-    from .html import alignment_color  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on a sibling module
-
-    def alignment_color(a: float | None) -> str:
-        """CSS background for an alignment in [-1, 1]: red (negative) to green (positive); grey when undefined."""
-        if a is None or (isinstance(a, float) and math.isnan(a)):
-            return "rgba(160,160,160,0.35)"
-        a = max(-1.0, min(1.0, float(a)))
-        alpha = 0.15 + 0.75 * abs(a)
-        return f"rgba(220,40,40,{alpha:.2f})" if a < 0 else f"rgba(30,160,60,{alpha:.2f})"
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # small formatting helpers

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -368,6 +368,3 @@ class AlignmentReport:
             if k in rol.columns:
                 rol = rol[rol[k] == v]
         return AlignmentReport(rec.reset_index(drop=True), rol.reset_index(drop=True), self.meta)
-
-    def to_dict_rows(self) -> Iterable[dict]:
-        return self.records.to_dict("records")

@@ -154,8 +154,6 @@ class TransformersBackend(RolloutBackend):
         self.pad_id = int(pad_id)
         self.temperature = float(temperature)
         self.batch_size = int(batch_size)
-        self.tokens_generated = 0
-        self.prefill_tokens = 0
         self.preallocate = True  # branch caches in preallocated buffers (no per-step concatenation)
 
     @property
@@ -189,7 +187,6 @@ class TransformersBackend(RolloutBackend):
         ids, mask = _left_pad([prefixes[k] for k in chunk], self.pad_id, device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self.prefill_tokens += int(mask.sum())
         rows = torch.as_tensor(chunk, device=device)
         limits = torch.as_tensor([max_new_tokens[k] for k in chunk], device=device)
         cache = _out_cache(out)
@@ -211,7 +208,6 @@ class TransformersBackend(RolloutBackend):
             tok_list = tok.tolist()
             for r, t in zip(rows.tolist(), tok_list):
                 results[r].append(t)
-            self.tokens_generated += len(tok_list)
             done = torch.isin(tok, eos) | (limits <= step)
             if bool(done.all()):
                 break
@@ -246,7 +242,6 @@ class TransformersBackend(RolloutBackend):
         ids, mask = _left_pad(bases, self.pad_id, device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self.prefill_tokens += int(mask.sum())
         layers = _kv_layers(_out_cache(out))
         if layers is None:
             prefixes = [list(bases[b][:L]) + [int(j)] for b, L, j, _ in branches]
