@@ -153,7 +153,6 @@ def main(argv=None):
         from opd_callback import toy
 
         lab = toy.build_lab(verbose=False)
-        tokv = len(lab.tokenizer)
         eos = lab.tokenizer.eos_token_id
         for nm in ("student", "strong_teacher"):
             m = getattr(lab, nm).to(dev)

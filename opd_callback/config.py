@@ -149,8 +149,8 @@ class RolloutSettings:
     adaptive: bool = field(
         default=False,
         metadata={
-            "help": "Adaptive allocation: a first round of adaptive_initial continuations per candidate, stop saturated "
-            "nodes, then spend the rest of the node's budget with n_j proportional to P_j * sigma_j (Neyman)."
+            "help": "Adaptive allocation (docs/method.md): a uniform first round, then the prompt's budget (pooled over "
+            "its nodes) goes where it most reduces the predicted alignment error; saturated nodes stop."
         },
     )
     adaptive_initial: int = field(
@@ -159,7 +159,10 @@ class RolloutSettings:
     )
     budget: int | None = field(
         default=None,
-        metadata={"help": "Adaptive: continuations per node (default rollouts_per_branch x live candidates)."},
+        metadata={
+            "help": "Adaptive: nominal continuations per node (default rollouts_per_branch x live candidates); the "
+            "budgets of a prompt's nodes are pooled, one node gets at most 4x its own."
+        },
     )
     reuse_base_rollout: bool = field(
         default=True, metadata={"help": "Count the base rollout as one free sample of its own token's success."}
@@ -168,7 +171,14 @@ class RolloutSettings:
         default="impute", metadata={"help": "Tokens outside the candidates: impute V_hat, or renormalize onto C."}
     )
     correct_threshold: float = field(default=0.5, metadata={"help": "A rollout is correct when reward >= this."})
-    batch_size: int = field(default=64, metadata={"help": "Sequences per forward pass when sampling/scoring."})
+    batch_size: int = field(
+        default=256,
+        metadata={
+            "help": "Sequences per forward pass when sampling/scoring. Larger is faster (a branch row holds only its own "
+            "continuation's KV cache; the prefix is shared); each step materialises batch_size x vocabulary logits, "
+            "so lower it if a diagnostic runs out of memory."
+        },
+    )
     prefix_cache: bool = field(
         default=True,
         metadata={"help": "Reuse the base rollout's KV cache for every node prefix instead of re-encoding it."},

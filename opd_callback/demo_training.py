@@ -40,7 +40,6 @@ def _run_one(
 ) -> dict:
     import copy
 
-    import torch
     import wandb
     from trl import DistillationConfig, DistillationTrainer
 

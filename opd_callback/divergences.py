@@ -174,7 +174,6 @@ def _dir_jsd(z, zt, sampled=None, beta=None, temperature=1.0, top_k=None):
     lp = _log_probs(z, temperature)
     lq = _log_probs(zt, temperature)
     p = lp.exp()
-    q = lq.exp()
     bt = torch.as_tensor(b, dtype=lp.dtype, device=lp.device)
     lm = torch.logsumexp(torch.stack([lp + torch.log1p(-bt), lq + torch.log(bt)]), dim=0)
     # L = b KL(Q||M) + (1-b) KL(P||M). dL/dP_j = (1-b)(log P_j - log M_j) (the M-terms cancel since sum M' = ...)

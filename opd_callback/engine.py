@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .alignment import score_node, window_index
+from .alignment import NodeScore, score_node, window_index
+from .allocation import SATURATION_MIN_SAMPLES, NodeErrorModel, SaturatedNodeModel, greedy_allocation
 from .config import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
 from .report import AlignmentReport
 from .rollout import RolloutBackend, TransformersBackend, eos_token_ids, next_token_logits
@@ -453,43 +454,15 @@ class AlignmentEngine:
                 if (node, slot) in counts:
                     continue  # terminal: already exact
                 add((node, slot), base_rewards[r])
-        if not st.adaptive:
-            run([(key, st.rollouts_per_branch) for key in live])
-        else:
-            # first round: at least a quarter of the per-candidate budget (sigma estimates and saturation need data)
-            n0 = min(max(st.adaptive_initial, math.ceil(st.rollouts_per_branch / 4)), st.rollouts_per_branch)
-            run([(key, n0) for key in live])
-            by_node: dict[tuple[int, int], list[int]] = {}
-            for node, slot in live:
-                by_node.setdefault(node, []).append(slot)
-            extra: list[tuple[tuple[tuple[int, int], int], int]] = []
-            for node, slots in by_node.items():
-                if lo.get(node) == hi.get(node):
-                    continue  # saturated: every outcome so far is the same
-                budget = (st.budget if st.budget is not None else st.rollouts_per_branch * len(slots)) - n0 * len(slots)
-                if budget <= 0:
-                    continue
-                pz = torch.softmax(z_of[node].double() / st.temperature, -1)
-                w = []
-                for sl in slots:
-                    key = (node, sl)
-                    m = (sums.get(key, 0.0) + 0.5) / (counts.get(key, 0) + 1.0)  # smoothed mean
-                    w.append(float(pz[cands[node][sl]]) * math.sqrt(max(m * (1.0 - m), 0.0)))
-                extra.extend(((node, sl), n) for sl, n in zip(slots, _allocate(budget, w)) if n > 0)
-            run(extra)
-        # --- per-node scores
-        records: list[dict] = []
-        for node in nodes:
+        def node_score(node: tuple[int, int]) -> NodeScore:
             r, t = node
             ids = cands[node]
-            n_j = [counts.get((node, s), 0) for s in range(len(ids))]
-            s_j = [sums.get((node, s), 0.0) / max(n, 1) for s, n in enumerate(n_j)]
-            cand_t = torch.as_tensor(ids, dtype=torch.long)
-            ns = score_node(
+            s_j = [sums.get((node, s), 0.0) / max(counts.get((node, s), 0), 1) for s in range(len(ids))]
+            return score_node(
                 z_of[node],
                 [zt_of[ci][node] for ci in range(len(self.configs))],
                 [c.divergence for c in self.configs],
-                cand_t,
+                torch.as_tensor(ids, dtype=torch.long),
                 torch.as_tensor(s_j, dtype=torch.float64),
                 int(base[r][t]),
                 temperature=st.temperature,
@@ -499,6 +472,20 @@ class AlignmentEngine:
                 tail=st.tail,
                 eps=st.degenerate_eps,
             )
+
+        if not st.adaptive:
+            run([(key, st.rollouts_per_branch) for key in live])
+        else:
+            self._adaptive_rounds(live, cands, z_of, sums, counts, lo, hi, node_score, run, rng)
+        # --- per-node scores
+        records: list[dict] = []
+        for node in nodes:
+            r, t = node
+            ids = cands[node]
+            n_j = [counts.get((node, s), 0) for s in range(len(ids))]
+            s_j = [sums.get((node, s), 0.0) / max(n, 1) for s, n in enumerate(n_j)]
+            cand_t = torch.as_tensor(ids, dtype=torch.long)
+            ns = node_score(node)
             # ---- issue 4: parameter-space alignment (opd_callback/param_space.py) ------------------------------ begin
             if st.space == "params":
                 from .param_space import rescore
@@ -543,6 +530,72 @@ class AlignmentEngine:
                     }
                 )
         return records, rollouts, stats
+
+    def _adaptive_rounds(self, live, cands, z_of, sums, counts, lo, hi, node_score, run, rng) -> None:
+        """Adaptive allocation of one prompt's continuation budget (``RolloutSettings(adaptive=True)``).
+
+        Round 1 gives every live candidate ``max(adaptive_initial, rollouts_per_branch / 4)`` continuations. The rest
+        of the prompt's budget (pooled over its nodes) is spent in two more rounds, half and then the rest, by
+        :func:`~opd_callback.allocation.greedy_allocation`, which minimises the sum over nodes of the predicted
+        alignment error (``allocation.py`` explains the error models). A node whose outcomes so far are all equal is
+        *saturated*: it stops once each of its candidates has ``SATURATION_MIN_SAMPLES`` (8) continuations; before
+        that it competes for continuations by its chance of breaking the tie, up to its nominal budget. Any other
+        node gets at most 4x its nominal budget.
+        """
+        st = self.settings
+        n0 = min(max(st.adaptive_initial, math.ceil(st.rollouts_per_branch / 4)), st.rollouts_per_branch)
+        run([(key, n0) for key in live])
+        by_node: dict[tuple[int, int], list[int]] = {}
+        for node, slot in live:
+            by_node.setdefault(node, []).append(slot)
+        nominal = {node: st.budget if st.budget is not None else st.rollouts_per_branch * len(sl) for node, sl in by_node.items()}
+        remaining = sum(nominal.values()) - n0 * len(live)
+        eps = rng.standard_normal((256, max(len(c) for c in cands.values())))
+        for rnd in range(2):
+            spend = remaining // 2 if rnd == 0 else remaining
+            nodes, models, rooms = [], [], []
+            for node, slots in by_node.items():
+                ids = cands[node]
+                n = np.array([counts.get((node, s), 0) for s in range(len(ids))], dtype=np.float64)
+                spent = int(sum(n[s] for s in slots))
+                if lo.get(node) == hi.get(node):  # saturated: every outcome so far is the same
+                    if min(n[s] for s in slots) >= SATURATION_MIN_SAMPLES or nominal[node] - spent <= 0:
+                        continue  # enough evidence (or its nominal share is spent): stop
+                    sigma = np.zeros(len(ids))
+                    sigma[slots] = 1.0
+                    models.append(SaturatedNodeModel(sigma=sigma, n=n))
+                    nodes.append(node)
+                    rooms.append(nominal[node] - spent)
+                    continue
+                room = 4 * nominal[node] - spent
+                if room <= 0:
+                    continue
+                ns = node_score(node)
+                cand_t = torch.as_tensor(ids, dtype=torch.long)
+                p = torch.softmax(z_of[node].double() / st.temperature, -1)[cand_t]
+                q = (p / p.sum()) if st.tail == "renormalize" else p
+                d = torch.stack([c.d.to(torch.float64).reshape(-1) for c in ns.configs])
+                s_sum = np.array([sums.get((node, s), 0.0) for s in range(len(ids))])
+                m = (s_sum + 0.5) / (n + 1.0)
+                sigma = np.zeros(len(ids))
+                sigma[slots] = np.sqrt(m[slots] * (1.0 - m[slots]))
+                models.append(NodeErrorModel(
+                    q=q.numpy(),
+                    d=(d if st.tail == "renormalize" else d[:, cand_t]).numpy(),
+                    d_norm=d.norm(dim=1).numpy(),
+                    s_hat=s_sum / np.maximum(n, 1.0),
+                    sigma=sigma,
+                    n=n,
+                    eps=eps,
+                ))
+                nodes.append(node)
+                rooms.append(room)
+            if spend <= 0 or not models:
+                break
+            extra = greedy_allocation(spend, models, rooms)
+            requests = [((node, sl), int(x)) for node, xs in zip(nodes, extra) for sl, x in enumerate(xs) if x > 0]
+            run(requests)
+            remaining -= sum(x for _, x in requests)
 
     # ---------------------------------------------------------------------------------------------------- all prompts
     def run(
@@ -607,19 +660,6 @@ class AlignmentEngine:
             **(meta or {}),
         }
         return AlignmentReport(records, rollouts, meta=info)
-
-
-def _allocate(total: int, weights: Sequence[float]) -> list[int]:
-    """Split ``total`` integer draws proportionally to ``weights`` (largest remainder; uniform if all are 0)."""
-    w = np.asarray(weights, dtype=np.float64)
-    if w.sum() <= 0 or not np.isfinite(w).all():
-        w = np.ones_like(w)
-    share = total * w / w.sum()
-    n = np.floor(share).astype(int)
-    rest = total - int(n.sum())
-    if rest > 0:
-        n[np.argsort(-(share - n), kind="stable")[:rest]] += 1
-    return n.tolist()
 
 
 def _settings_dict(s: RolloutSettings) -> dict:

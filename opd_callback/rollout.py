@@ -9,8 +9,11 @@ device. A faster engine (vLLM, a prefix-sharing engine) can replace it by implem
 
 from __future__ import annotations
 
+import functools
+import itertools
 from abc import ABC, abstractmethod
-from typing import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -155,6 +158,7 @@ class TransformersBackend(RolloutBackend):
         self.temperature = float(temperature)
         self.batch_size = int(batch_size)
         self.preallocate = True  # branch caches in preallocated buffers (no per-step concatenation)
+        self.shared_prefix = True  # branches attend to their base row's KV directly (no per-row prefix copy)
 
     @property
     def device(self) -> torch.device:
@@ -196,11 +200,17 @@ class TransformersBackend(RolloutBackend):
             cache.layers = [_BufferedLayer(k, v, capacity) for k, v in layers]
         self._decode(out.logits[:, -1], cache, mask, pos[:, -1] + 1, rows, limits, generator, results)
 
-    def _decode(self, logits, cache, mask, next_pos, rows, limits, generator, results) -> None:
-        """Sample until every row has hit EOS or its limit. ``logits`` predict each row's next token."""
+    def _decode(
+        self, logits, cache, mask, next_pos, rows, limits, generator, results, shared: _SharedPrefix | None = None
+    ) -> None:
+        """Sample until every row has hit EOS or its limit. ``logits`` predict each row's next token.
+
+        ``mask`` is the 2D attention mask of the cached tokens, or None with ``shared`` (a :class:`_SharedPrefix`,
+        passed to the model and compacted along with the cache)."""
         device = self.device
         eos = torch.as_tensor(self.eos_ids or [-1], device=device)
         cache_kw = _cache_kwarg(self.model)
+        shared_kw = {} if shared is None else {_SHARED_PREFIX: shared}
         step = 0
         while True:
             tok = self._draw(logits, generator).to(device)
@@ -213,15 +223,21 @@ class TransformersBackend(RolloutBackend):
                 break
             if bool(done.any()):  # compact: finished rows stop costing compute
                 keep = (~done).nonzero().squeeze(-1)
-                rows, limits, tok, next_pos, mask = rows[keep], limits[keep], tok[keep], next_pos[keep], mask[keep]
+                rows, limits, tok, next_pos = rows[keep], limits[keep], tok[keep], next_pos[keep]
                 _select_cache_rows(cache, keep)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if shared is not None:
+                    shared.select(keep)
+                if mask is not None:
+                    mask = mask[keep]
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = self.model(
                 input_ids=tok[:, None],
                 attention_mask=mask,
                 position_ids=next_pos[:, None],
                 use_cache=True,
                 **{cache_kw: cache},
+                **shared_kw,
             )
             cache = _out_cache(out)
             logits = out.logits[:, -1]
@@ -232,9 +248,11 @@ class TransformersBackend(RolloutBackend):
     def sample_branches(self, bases, branches, generator):
         """Continuations of ``base[:prefix_len] + [forced]`` for many branches of a few base sequences.
 
-        One forward pass over each base sequence provides the KV cache of every prefix on it; each branch's cache is
-        a slice of it (no prefix is re-encoded). Branches of different nodes and rollouts are batched together.
-        Falls back to :meth:`sample` when the model's cache is not a plain per-layer key/value cache.
+        One forward pass over each base sequence provides the KV cache of every prefix on it (no prefix is
+        re-encoded). Branches attend to their base row's cache directly (:class:`_SharedPrefix`), or, when the model
+        does not route attention the way that needs (or ``shared_prefix`` is off), to a per-branch copy of their
+        prefix's slice of it. Branches of different nodes and rollouts are batched together. Falls back to
+        :meth:`sample` when the model's cache is not a plain per-layer key/value cache.
         """
         if not branches:
             return []
@@ -249,14 +267,60 @@ class TransformersBackend(RolloutBackend):
         width = ids.shape[1]
         lens = [len(b) for b in bases]
         results: list[list[int]] = [[] for _ in branches]
-        order = sorted(range(len(branches)), key=lambda k: -branches[k][1])
+        if self.shared_prefix:  # rows of one base row contiguous: few segments per batch
+            order = sorted(range(len(branches)), key=lambda k: (branches[k][0], -branches[k][1]))
+        else:  # similar prefix lengths together: little padding in the gathered caches
+            order = sorted(range(len(branches)), key=lambda k: -branches[k][1])
         todo = [k for k in order if branches[k][3] > 0]
         for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            self._branch_batch(chunk, branches, layers, width, lens, generator, results)
+            args = (todo[start : start + self.batch_size], branches, layers, width, lens, generator, results)
+            if not (self.shared_prefix and self._shared_branch_batch(*args)):
+                self._branch_batch(*args)
         return results
 
+    def _shared_branch_batch(self, chunk, branches, layers, width, lens, generator, results) -> bool:
+        """Sample a batch of branches with shared-prefix attention (:class:`_SharedPrefix`). Returns False, having
+        sampled nothing, when the model cannot serve it: its first forward refused the state's keyword, made an
+        attention call it does not cover, or did not call the attention function once per cache layer with it."""
+        from transformers import DynamicCache
+
+        device = self.device
+        B = len(chunk)
+        Ls = [int(branches[k][1]) for k in chunk]
+        shared = _SharedPrefix(layers, [int(branches[k][0]) for k in chunk], Ls, [width - n for n in lens])
+        cache = DynamicCache()  # suffix keys/values only: the forced token and the sampled ones
+        if self.preallocate:
+            capacity = 1 + max(int(branches[k][3]) for k in chunk)
+            for k, v in layers:
+                empty_k, empty_v = k.new_empty(B, k.shape[1], 0, k.shape[3]), v.new_empty(B, v.shape[1], 0, v.shape[3])
+                cache.layers.append(_BufferedLayer(empty_k, empty_v, capacity))
+        forced = torch.as_tensor([int(branches[k][2]) for k in chunk], device=device)
+        positions = torch.as_tensor(Ls, device=device)
+        with _shared_prefix_attention_on(self.model):
+            try:
+                out = self.model(
+                    input_ids=forced[:, None],
+                    attention_mask=None,
+                    position_ids=positions[:, None],
+                    use_cache=True,
+                    **{_cache_kwarg(self.model): cache, _SHARED_PREFIX: shared},
+                )
+            except _NotShareable:
+                return False
+            except TypeError as exc:  # a forward without **kwargs
+                if _SHARED_PREFIX not in str(exc):
+                    raise
+                return False
+            if shared.calls != len(layers):
+                return False
+            rows = torch.as_tensor(chunk, device=device)
+            limits = torch.as_tensor([int(branches[k][3]) for k in chunk], device=device)
+            logits, cache = out.logits[:, -1], _out_cache(out)
+            self._decode(logits, cache, None, positions + 1, rows, limits, generator, results, shared)
+        return True
+
     def _branch_batch(self, chunk, branches, layers, width, lens, generator, results) -> None:
+        """Sample a batch of branches, each with its own copy of its prefix's keys/values (right-aligned, masked)."""
         from transformers import DynamicCache
 
         device = self.device
@@ -364,6 +428,147 @@ def _BufferedLayer(keys, values, capacity):  # noqa: N802 - a factory that build
     if _BUFFERED is None:
         _BUFFERED = _buffered_layer_class()
     return _BUFFERED(keys, values, capacity)
+
+
+_SHARED_PREFIX = "opd_shared_prefix"  # name of the attention implementation, and of the model keyword with its state
+
+
+class _NotShareable(Exception):
+    """An attention call that shared-prefix attention does not cover (the batch falls back to per-row prefixes)."""
+
+
+class _SharedPrefix:
+    """Shared-prefix attention for one batch of branch rows: one copy of each base row's keys/values for all rows.
+
+    Row ``i`` continues ``bases[row_base[i]][:L_i]``. The base forward left the keys/values of every base row in
+    ``layers[l] = (K, V)``, ``[R, Hkv, W, D]``, left-padded (base row ``b`` occupies columns ``starts[b]:``). Rather
+    than a per-row copy of its prefix, row ``i``'s query attends to its base row's ``K``/``V`` with the columns outside
+    ``[starts[b], starts[b] + L_i)`` masked out, and to its own suffix (forced token and sampled tokens), which is the
+    model's ordinary KV cache. Rows of one base row are contiguous, so each such segment's prefix scores are one
+    matmul against that base row's keys.
+
+    The model receives this object as the ``opd_shared_prefix`` keyword, which transformers passes down to every
+    attention call, while the model's configs name :func:`_shared_prefix_attention` as the attention implementation
+    (no attention mask is built for an implementation without a registered mask function). ``calls`` counts the
+    attention calls that used it, to check that the model routes attention that way.
+    """
+
+    def __init__(
+        self,
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        row_base: Sequence[int],
+        prefix_lens: Sequence[int],
+        starts: Sequence[int],
+    ) -> None:
+        device = layers[0][0].device
+        width = layers[0][0].shape[2]
+        start = torch.as_tensor([starts[b] for b in row_base], device=device)[:, None]
+        end = start + torch.as_tensor(prefix_lens, device=device)[:, None]
+        cols = torch.arange(width, device=device)[None, :]
+        self.layers = layers
+        self.masked = ((cols < start) | (cols >= end))[:, None, None, :]  # [B, 1, 1, W]
+        self.calls = 0
+        self._row_base = list(row_base)
+        self._segment()
+
+    def _segment(self) -> None:
+        self.segments: list[tuple[int, int, int]] = []  # (base row, first row, end row)
+        first = 0
+        for b, rows in itertools.groupby(self._row_base):
+            n = len(list(rows))
+            self.segments.append((b, first, first + n))
+            first += n
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only rows ``keep`` (increasing), as the KV cache does when finished rows are compacted away."""
+        self._row_base = [self._row_base[i] for i in keep.tolist()]
+        self.masked = self.masked[keep]
+        self._segment()
+
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Attention output ``[B, 1, Hq, D]`` (eager's layout) of one-token queries ``[B, Hq, 1, D]`` over the
+        prefix and the suffix keys/values ``[B, Hkv, s, D]``. Same operations as eager attention: scores in the query
+        dtype, scaled, masked, softmax in float32."""
+        k_pre, v_pre = self.layers[layer]
+        B, Hq, _, D = query.shape
+        Hkv, W = k_pre.shape[1], k_pre.shape[2]
+        rep = Hq // Hkv
+        q = query.reshape(B, Hkv, rep, D)  # query head h * rep + r reads key/value head h (transformers' repeat_kv)
+        scores = query.new_empty((B, Hkv, rep, W + key.shape[2]))
+        for b, i, j in self.segments:  # [n, Hkv, rep, D] x [Hkv, W, D] as one [Hkv] batch of [n * rep, W] products
+            qs = q[i:j].transpose(0, 1).reshape(Hkv, (j - i) * rep, D)
+            s = torch.matmul(qs, k_pre[b].transpose(1, 2))
+            scores[i:j, ..., :W] = s.view(Hkv, j - i, rep, W).transpose(0, 1)
+        scores[..., W:] = torch.matmul(q, key.transpose(2, 3))
+        scores.mul_(scaling)
+        scores[..., :W].masked_fill_(self.masked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(probs[..., W:], value)  # [B, Hkv, rep, D]
+        for b, i, j in self.segments:
+            ps = probs[i:j, ..., :W].transpose(0, 1).reshape(Hkv, (j - i) * rep, W)
+            out[i:j] += torch.matmul(ps, v_pre[b]).view(Hkv, j - i, rep, D).transpose(0, 1)
+        return out.view(B, 1, Hq, D)
+
+
+def _shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function of :class:`_SharedPrefix`; plain SDPA for a call without that state."""
+    shared = kwargs.pop(_SHARED_PREFIX, None)
+    if shared is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    layer = getattr(module, "layer_idx", None)
+    if (
+        layer is None
+        or query.shape[2] != 1
+        or attention_mask is not None
+        or dropout
+        or kwargs.get("sliding_window") is not None
+        or kwargs.get("softcap") is not None
+    ):
+        raise _NotShareable
+    shared.calls += 1
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return shared.attend(int(layer), query, key, value, scale), None
+
+
+@functools.cache
+def _register_shared_prefix_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_SHARED_PREFIX, _shared_prefix_attention)
+
+
+@contextmanager
+def _shared_prefix_attention_on(model: torch.nn.Module) -> Iterator[None]:
+    """Make every config reachable from ``model``'s modules name shared-prefix attention; restore them on exit."""
+    _register_shared_prefix_attention()
+    configs: dict[int, object] = {}
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if hasattr(c, "_attn_implementation_internal"):
+            configs[id(c)] = c
+    saved = [(c, c._attn_implementation_internal) for c in configs.values()]
+    try:
+        for c, _ in saved:
+            c._attn_implementation_internal = _SHARED_PREFIX
+        yield
+    finally:
+        for c, impl in saved:
+            c._attn_implementation_internal = impl
 
 
 def _kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

@@ -5,7 +5,6 @@ calls. Nothing here uses the package's rollout code, so it can serve as independ
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch

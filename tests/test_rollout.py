@@ -34,35 +34,37 @@ def _model(seed: int = 0, layers: int = 2) -> Qwen2ForCausalLM:
 
 
 class _Recording(TransformersBackend):
-    """Records the logits each row is sampled from at its first sampled step."""
+    """Records the logits each row is sampled from at its first sampled step, by row (result index)."""
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        self.first_logits: list[torch.Tensor] = []
+        self.first_logits: dict[int, torch.Tensor] = {}
 
     def _draw(self, logits, generator):
-        if not self._seen:
-            self.first_logits.append(logits.detach().clone())
-            self._seen = True
+        if self._rows is not None:
+            self.first_logits.update(zip(self._rows, logits.detach().clone()))
+            self._rows = None
         return super()._draw(logits, generator)
 
-    def _decode(self, *a, **k):
-        self._seen = False
-        return super()._decode(*a, **k)
+    def _decode(self, logits, cache, mask, next_pos, rows, *a, **k):
+        self._rows = rows.tolist()
+        return super()._decode(logits, cache, mask, next_pos, rows, *a, **k)
 
 
-def test_branch_cache_equals_reencoding():
-    """A branch's first distribution from the sliced base KV cache equals a fresh forward over prefix + forced."""
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_branch_cache_equals_reencoding(shared_prefix):
+    """A branch's first distribution from the base KV cache (attended in place, or sliced per row) equals a fresh
+    forward over prefix + forced."""
     model = _model()
     bases = [[0, 1, 2, 3, 4, 5, 1, 2, 3], [2, 2, 1, 0, 3]]
     branches = [(0, 3, 4, 5), (0, 7, 1, 5), (1, 2, 0, 5), (1, 4, 5, 5), (0, 1, 2, 5)]
     be = _Recording(model, eos_ids=[EOS], pad_id=EOS, batch_size=16)
+    be.shared_prefix = shared_prefix
     gen = torch.Generator().manual_seed(0)
     be.sample_branches(bases, branches, gen)
-    got = be.first_logits[0]  # one batch; rows ordered by decreasing prefix length
-    order = sorted(range(len(branches)), key=lambda k: -branches[k][1])
-    for row, k in enumerate(order):
-        b, L, j, _ = branches[k]
+    got = be.first_logits
+    assert sorted(got) == list(range(len(branches)))
+    for row, (b, L, j, _) in enumerate(branches):
         seq = bases[b][:L] + [j]
         want = next_token_logits(model, [seq], [[len(seq)]], pad_id=EOS)[0][0]
         torch.testing.assert_close(got[row].float(), want, atol=1e-5, rtol=1e-4)
@@ -99,16 +101,17 @@ def test_sampling_ignores_generation_config_and_matches_softmax():
     assert (counts > 0).sum() >= 3  # top_k=1 would give a single token
 
 
-@pytest.mark.parametrize("prefix_cache", [True, False])
-def test_engine_paths_agree_in_distribution(prefix_cache):
-    """Both engine paths give continuations whose mean length agrees (same distribution) within sampling error."""
+@pytest.mark.parametrize("path", ["shared prefix", "gathered prefix", "re-encoded prefix"])
+def test_engine_paths_agree_in_distribution(path):
+    """Every engine path gives continuations whose mean length agrees (same distribution) within sampling error."""
     model = _model(3, layers=1)
     be = TransformersBackend(model, eos_ids=[EOS], pad_id=EOS, batch_size=256)
+    be.shared_prefix = path == "shared prefix"
     bases = [[0, 1, 2, 3, 4]]
     n = 1500
     branches = [(0, 3, 2, 6)] * n
     gen = torch.Generator().manual_seed(4)
-    if prefix_cache:
+    if path != "re-encoded prefix":
         out = be.sample_branches(bases, branches, gen)
     else:
         out = be.sample([bases[0][:3] + [2]] * n, [6] * n, gen)
@@ -120,7 +123,7 @@ def test_engine_paths_agree_in_distribution(prefix_cache):
     assert abs(frac - p_eos) <= 4.5 * math.sqrt(p_eos * (1 - p_eos) / n) + 1e-3
 
 
-@pytest.mark.parametrize("path", ["sample", "branches"])
+@pytest.mark.parametrize("path", ["sample", "shared branches", "gathered branches"])
 def test_preallocated_cache_matches_concatenating_cache(path):
     """The in-place KV buffers give the same samples as transformers' concatenating DynamicCache (same seed),
     including after finished rows are compacted away."""
@@ -129,6 +132,7 @@ def test_preallocated_cache_matches_concatenating_cache(path):
     for prealloc in (True, False):
         be = TransformersBackend(model, eos_ids=[EOS], pad_id=EOS, batch_size=64)
         be.preallocate = prealloc
+        be.shared_prefix = path == "shared branches"
         gen = torch.Generator().manual_seed(7)
         if path == "sample":
             prefixes = [[0, 1, 2], [3, 4], [1, 1, 1, 2, 5], [2]] * 8
