@@ -3,7 +3,8 @@
 Truth: (a) exact enumeration on random Qwen2s small enough to enumerate every continuation (V=4, T=6, 16 prompts,
 4 seeds), once with near-uniform next-token distributions (output head as initialised) and once with peaked, LM-like
 ones (head scaled by 100: mean node entropy ~0.3 nats); (b) on the toy lab, a reference run with 20x the largest
-uniform budget on the same nodes (base rollouts pinned, 2 seeds). The error of a (node, configuration) row is
+uniform budget on the same nodes (base rollouts pinned, 3 seeds); since that reference is itself noisy, also the
+errors on the rows two references agree on, and the seed-to-seed disagreement (a precision measure without truth). The error of a (node, configuration) row is
 |alignment_hat - alignment_true| (a degenerate estimate or truth counts as 0); ``needed`` interpolates, in log budget,
 the continuations per node at which the mean error crosses 0.05. The headline (uniform / adaptive continuations at
 the target, exact truth, LM-like models) is printed last.
@@ -97,37 +98,55 @@ def true_alignment(report, model_s, configs, tok, T, cache):
     return out
 
 
-def mean_error(report, truth):
+def mean_error(report, truth, keep=None):
+    """Mean |alignment_hat - truth| over the report's rows (only those whose key is in ``keep``, if given)."""
     errs = []
     for r in report.records.itertuples():
-        est = 0.0 if r.degenerate else r.alignment
-        errs.append(abs(est - truth[(r.prompt_index, r.rollout_index, r.position, r.config)]))
+        key = (r.prompt_index, r.rollout_index, r.position, r.config)
+        if keep is None or key in keep:
+            est = 0.0 if r.degenerate else r.alignment
+            errs.append(abs(est - truth[key]))
     return float(np.mean(errs))
 
 
-def sweep(student, tok, examples, configs, base_settings, budgets, seeds, truth_fn, reward_fn, backend_fn=lambda: None):
-    """Mean |error| and continuations per node for uniform and adaptive allocation at each budget (mean over seeds)."""
+def sweep(student, tok, examples, configs, base_settings, budgets, seeds, truth_fn, reward_fn, backend_fn=lambda: None,
+          keep=None, pairwise=False):
+    """Mean |error| and continuations per node for uniform and adaptive allocation at each budget (mean over seeds);
+    with ``keep`` (a set of row keys) also the mean over those rows only (``mean_abs_error_kept``); with ``pairwise``
+    (the seeds score the same nodes) the mean |difference| between the estimates of two seeds, a precision measure
+    that needs no truth (``seed_disagreement``)."""
     rows = []
     for adaptive, n in itertools.product([False, True], budgets):
-        errs, conts, nodes = [], [], []
+        errs, kept, conts, nodes, ests = [], [], [], [], []
         for seed in seeds:
             st = oc.RolloutSettings(**{**base_settings, "seed": seed, "rollouts_per_branch": n, "adaptive": adaptive})
             rep = oc.diagnose(student, tok, examples, reward_fn=reward_fn, configs=configs, settings=st,
                               backend=backend_fn(), progress=False)
-            errs.append(mean_error(rep, truth_fn(rep)))
+            truth = truth_fn(rep)
+            errs.append(mean_error(rep, truth))
+            ests.append({(r.prompt_index, r.rollout_index, r.position, r.config): 0.0 if r.degenerate else r.alignment
+                         for r in rep.records.itertuples()})
+            if keep is not None:
+                kept.append(mean_error(rep, truth, keep))
             conts.append(rep.meta["continuations"])
             nodes.append(rep.meta["nodes"])
         row = {"adaptive": adaptive, "rollouts_per_branch": n, "mean_abs_error": float(np.mean(errs)),
                "continuations_per_node": float(np.sum(conts) / max(np.sum(nodes), 1))}
+        if keep is not None:
+            row["mean_abs_error_kept"] = float(np.mean(kept))
+        if pairwise:
+            row["seed_disagreement"] = float(np.mean([abs(a[k] - b[k]) for a, b in itertools.combinations(ests, 2) for k in a]))
         rows.append(row)
         print(f"  {'adaptive' if adaptive else 'uniform ':<8} n={n:<4} continuations/node={row['continuations_per_node']:7.1f} "
-              f"mean|err|={row['mean_abs_error']:.4f}")
+              f"mean|err|={row['mean_abs_error']:.4f}"
+              + (f"  on resolved nodes {row['mean_abs_error_kept']:.4f}" if keep is not None else "")
+              + (f"  seed-to-seed |diff| {row['seed_disagreement']:.4f}" if pairwise else ""))
     return rows
 
 
-def needed(rows, adaptive):
+def needed(rows, adaptive, metric="mean_abs_error"):
     """Smallest continuations/node whose error <= TARGET (linear interpolation in log budget)."""
-    pts = sorted((r["continuations_per_node"], r["mean_abs_error"]) for r in rows if r["adaptive"] == adaptive)
+    pts = sorted((r["continuations_per_node"], r[metric]) for r in rows if r["adaptive"] == adaptive)
     for (c0, e0), (c1, e1) in zip(pts, pts[1:]):
         if e0 <= TARGET:
             return c0
@@ -216,16 +235,21 @@ def toy_part(quick):
     ref2 = oc.diagnose(lab.student, lab.tokenizer, examples, reward_fn=toy.reward_fn, configs=configs, backend=backend(),
                        settings=oc.RolloutSettings(**{**base, "seed": 10_001, "rollouts_per_branch": ref_n}), progress=False)
     disagreement = mean_error(ref2, truth)
-    shape = {"reference_disagreement": disagreement, "prompts": len(examples), "nodes": int(ref.meta["nodes"]), "reference_rollouts_per_branch": ref_n,
+    second = {(r.prompt_index, r.rollout_index, r.position, r.config): (0.0 if r.degenerate else r.alignment)
+              for r in ref2.records.itertuples()}
+    # rows whose truth the reference resolves: the two references agree to 0.05 (chosen from the references only)
+    resolved = {k for k, a in truth.items() if abs(a - second[k]) <= TARGET}
+    shape = {"reference_disagreement": disagreement, "resolved_rows": len(resolved), "rows": len(truth), "prompts": len(examples), "nodes": int(ref.meta["nodes"]), "reference_rollouts_per_branch": ref_n,
              "reference_continuations": int(ref.meta["continuations"]),
              "reference_degenerate_fraction": float(ref.records["degenerate"].mean()),
              "mean_node_entropy": float(ref.records["student_entropy"].mean()),
              "mean_top1_prob": float(ref.records["candidate_probs"].map(max).mean())}
     print(f"  {shape['nodes']} nodes, mean node entropy {shape['mean_node_entropy']:.2f} nats, "
           f"reference degenerate fraction {shape['reference_degenerate_fraction']:.2f}; two references disagree by "
-          f"mean|diff| = {disagreement:.4f} (the floor this truth can resolve)")
-    rows = sweep(lab.student, lab.tokenizer, examples, configs, base, budgets, [0, 1] if not quick else [0],
-                 lambda rep: truth, toy.reward_fn, backend)
+          f"mean|diff| = {disagreement:.4f} (the floor this truth can resolve); they agree to {TARGET} on "
+          f"{len(resolved)} of {len(truth)} rows (resolved)")
+    rows = sweep(lab.student, lab.tokenizer, examples, configs, base, budgets, [0, 1, 2] if not quick else [0, 1],
+                 lambda rep: truth, toy.reward_fn, backend, keep=resolved, pairwise=True)
     return {"shape": shape, "rows": rows}
 
 
@@ -240,11 +264,14 @@ def main(argv=None):
         parts.append(("toy_lab", lambda: toy_part(args.quick)))
     for name, fn in parts:
         out = fn()
-        nu, na = needed(out["rows"], False), needed(out["rows"], True)
         res["parts"][name] = out
-        res["needed"][name] = {"uniform": nu, "adaptive": na, "ratio_uniform_over_adaptive": nu / na if na == na and na else None}
-        print(f"  {name}: continuations/node for mean|err| <= {TARGET}: uniform {nu:.0f}, adaptive {na:.0f} "
-              f"(nan = not reached within the grid)")
+        metrics = ["mean_abs_error"] + (["mean_abs_error_kept"] if "mean_abs_error_kept" in out["rows"][0] else [])
+        for metric in metrics:
+            label = name if metric == "mean_abs_error" else f"{name}_resolved_rows"
+            nu, na = needed(out["rows"], False, metric), needed(out["rows"], True, metric)
+            res["needed"][label] = {"uniform": nu, "adaptive": na, "ratio_uniform_over_adaptive": nu / na if na == na and na else None}
+            print(f"  {label}: continuations/node for mean|err| <= {TARGET}: uniform {nu:.0f}, adaptive {na:.0f} "
+                  f"(nan = not reached within the grid)")
     path = write_result("efficiency", res)
     print(f"wrote {path}")
     head = res["needed"][f"exact_sharpen_{SHARPEN[-1]:g}"]

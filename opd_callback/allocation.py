@@ -29,7 +29,8 @@ import numpy as np
 
 __all__ = ["NodeErrorModel", "SaturatedNodeModel", "greedy_allocation", "SATURATION_MIN_SAMPLES"]
 
-# a node whose outcomes are all equal stops once each of its sampled candidates has this many continuations
+# a node whose outcomes are all equal stops once each of its sampled candidates has at least this many continuations
+# (the engine also requires half the uniform share)
 SATURATION_MIN_SAMPLES = 8
 
 

@@ -538,9 +538,9 @@ class AlignmentEngine:
         of the prompt's budget (pooled over its nodes) is spent in two more rounds, half and then the rest, by
         :func:`~opd_callback.allocation.greedy_allocation`, which minimises the sum over nodes of the predicted
         alignment error (``allocation.py`` explains the error models). A node whose outcomes so far are all equal is
-        *saturated*: it stops once each of its candidates has ``SATURATION_MIN_SAMPLES`` (8) continuations; before
-        that it competes for continuations by its chance of breaking the tie, up to its nominal budget. Any other
-        node gets at most 4x its nominal budget.
+        *saturated*: it stops once each of its candidates has ``max(SATURATION_MIN_SAMPLES, rollouts_per_branch / 2)``
+        continuations (8 at least, half the uniform share); before that it competes for continuations by its chance
+        of breaking the tie, up to its nominal budget. Any other node gets at most 4x its nominal budget.
         """
         st = self.settings
         n0 = min(max(st.adaptive_initial, math.ceil(st.rollouts_per_branch / 4)), st.rollouts_per_branch)
@@ -551,6 +551,9 @@ class AlignmentEngine:
         nominal = {node: st.budget if st.budget is not None else st.rollouts_per_branch * len(sl) for node, sl in by_node.items()}
         remaining = sum(nominal.values()) - n0 * len(live)
         eps = rng.standard_normal((256, max(len(c) for c in cands.values())))
+        # a saturated node stops once each candidate has this many continuations (at least half the uniform share:
+        # success rates around 0.1 are common, and 8 failures in a row are then not rare)
+        stop_at = max(SATURATION_MIN_SAMPLES, math.ceil(st.rollouts_per_branch / 2))
         for rnd in range(2):
             spend = remaining // 2 if rnd == 0 else remaining
             nodes, models, rooms = [], [], []
@@ -559,7 +562,7 @@ class AlignmentEngine:
                 n = np.array([counts.get((node, s), 0) for s in range(len(ids))], dtype=np.float64)
                 spent = int(sum(n[s] for s in slots))
                 if lo.get(node) == hi.get(node):  # saturated: every outcome so far is the same
-                    if min(n[s] for s in slots) >= SATURATION_MIN_SAMPLES or nominal[node] - spent <= 0:
+                    if min(n[s] for s in slots) >= stop_at or nominal[node] - spent <= 0:
                         continue  # enough evidence (or its nominal share is spent): stop
                     sigma = np.zeros(len(ids))
                     sigma[slots] = 1.0

@@ -75,8 +75,9 @@ def test_budget_respected_and_reported():
 
 
 def test_saturated_nodes_stop():
-    """Reward always 1: every node is saturated. With 8 first-round continuations per candidate (n=32) they stop
-    right after the first round; with fewer (n=8: 2 each) they may explore, but never past their nominal budget."""
+    """Reward always 1: every node is saturated. A saturated node explores (its chance of breaking the tie competes for
+    the budget) but never past its nominal budget, and stops once each candidate has max(8, n/2) continuations: with
+    n=32 the first round gives 8 each, the second round 12 more, and the node stops at 20 < 32 (budget saved)."""
     tok, student, teacher = _lab()
     always = reward_from(lambda text: 1.0)
     live = lambda r: [n for j, n in zip(r.candidate_ids, r.candidate_rollouts)  # noqa: E731
@@ -84,9 +85,9 @@ def test_saturated_nodes_stop():
     rep = _run(tok, student, teacher, adaptive=True, n=32, seed=0, reward=always)
     assert rep.records["degenerate"].all()
     for r in rep.records.itertuples():
-        assert all(n == 8 for n in live(r)), r.candidate_rollouts  # first round only (32/4 = 8 per candidate)
+        assert all(16 <= n < 32 for n in live(r)), r.candidate_rollouts
     uni = _run(tok, student, teacher, adaptive=False, n=32, seed=0, reward=always)
-    assert rep.meta["continuations"] * 4 == uni.meta["continuations"]
+    assert rep.meta["continuations"] < 0.7 * uni.meta["continuations"]
     small = _run(tok, student, teacher, adaptive=True, n=8, seed=0, reward=always)
     for r in small.records.itertuples():
         assert sum(live(r)) <= 8 * len(live(r))
