@@ -1,7 +1,8 @@
 """Benchmark: targeted-rollout throughput of the engine vs a naive baseline and vs the practical ceiling.
 
 * engine   — ``TransformersBackend.sample_branches``: one forward over each base rollout gives the KV cache of every
-             node prefix; continuations of all nodes are batched together; finished rows are compacted.
+             node prefix; every branch attends to its base row's cache in place (shared-prefix attention, no
+             per-row prefix copy); continuations of all nodes are batched together; finished rows are compacted.
 * naive    — ``model.generate`` once per (node, candidate), full prefix re-encoded, ``num_return_sequences=n``.
 * ceiling  — plain batched ``model.generate`` of the same number of continuations from a 1-token prompt (no prefix).
 
