@@ -122,6 +122,7 @@ def test_diagnostic_restores_rng_modes_grads_and_tokenizer(tmp_path):
     grads = [(p.grad, p.grad.clone()) for p in model.parameters()]
     tok.padding_side = "left"
     model.config.use_cache = False
+    impl = model.config._attn_implementation  # switched to shared-prefix attention while continuations decode
     teacher_mode = tr.teacher_model.training
     torch.manual_seed(123)
     np.random.seed(5)
@@ -139,6 +140,7 @@ def test_diagnostic_restores_rng_modes_grads_and_tokenizer(tmp_path):
     assert model.training and not model.model.layers[0].mlp.training and model.model.layers[0].self_attn.training
     assert tr.teacher_model.training == teacher_mode
     assert tok.padding_side == "left" and model.config.use_cache is False
+    assert model.config._attn_implementation == impl != "opd_shared_prefix"
     assert torch.is_grad_enabled()
 
 
