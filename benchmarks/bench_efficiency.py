@@ -98,15 +98,15 @@ def true_alignment(report, model_s, configs, tok, T, cache):
     return out
 
 
-def mean_error(report, truth, keep=None):
-    """Mean |alignment_hat - truth| over the report's rows (only those whose key is in ``keep``, if given)."""
-    errs = []
-    for r in report.records.itertuples():
-        key = (r.prompt_index, r.rollout_index, r.position, r.config)
-        if keep is None or key in keep:
-            est = 0.0 if r.degenerate else r.alignment
-            errs.append(abs(est - truth[key]))
-    return float(np.mean(errs))
+def row_alignments(report):
+    """``{(prompt, rollout, position, config): alignment}`` of a report's rows (a degenerate row counts as 0)."""
+    return {(r.prompt_index, r.rollout_index, r.position, r.config): 0.0 if r.degenerate else r.alignment
+            for r in report.records.itertuples()}
+
+
+def mean_error(est, truth, keep=None):
+    """Mean |alignment_hat - truth| over the rows of ``est`` (:func:`row_alignments`; only keys in ``keep``, if given)."""
+    return float(np.mean([abs(a - truth[k]) for k, a in est.items() if keep is None or k in keep]))
 
 
 def sweep(student, tok, examples, configs, base_settings, budgets, seeds, truth_fn, reward_fn, backend_fn=lambda: None,
@@ -122,12 +122,11 @@ def sweep(student, tok, examples, configs, base_settings, budgets, seeds, truth_
             st = oc.RolloutSettings(**{**base_settings, "seed": seed, "rollouts_per_branch": n, "adaptive": adaptive})
             rep = oc.diagnose(student, tok, examples, reward_fn=reward_fn, configs=configs, settings=st,
                               backend=backend_fn(), progress=False)
-            truth = truth_fn(rep)
-            errs.append(mean_error(rep, truth))
-            ests.append({(r.prompt_index, r.rollout_index, r.position, r.config): 0.0 if r.degenerate else r.alignment
-                         for r in rep.records.itertuples()})
+            truth, est = truth_fn(rep), row_alignments(rep)
+            errs.append(mean_error(est, truth))
+            ests.append(est)
             if keep is not None:
-                kept.append(mean_error(rep, truth, keep))
+                kept.append(mean_error(est, truth, keep))
             conts.append(rep.meta["continuations"])
             nodes.append(rep.meta["nodes"])
         row = {"adaptive": adaptive, "rollouts_per_branch": n, "mean_abs_error": float(np.mean(errs)),
@@ -229,14 +228,12 @@ def toy_part(quick):
     print(f"toy lab: reference with rollouts_per_branch={ref_n} (20x the largest budget) ...")
     ref = oc.diagnose(lab.student, lab.tokenizer, examples, reward_fn=toy.reward_fn, configs=configs, backend=backend(),
                       settings=oc.RolloutSettings(**{**base, "seed": 10_000, "rollouts_per_branch": ref_n}), progress=False)
-    truth = {(r.prompt_index, r.rollout_index, r.position, r.config): (0.0 if r.degenerate else r.alignment)
-             for r in ref.records.itertuples()}
+    truth = row_alignments(ref)
     # the reference is itself an estimate: a second one with other continuations on the same nodes measures its noise
     ref2 = oc.diagnose(lab.student, lab.tokenizer, examples, reward_fn=toy.reward_fn, configs=configs, backend=backend(),
                        settings=oc.RolloutSettings(**{**base, "seed": 10_001, "rollouts_per_branch": ref_n}), progress=False)
-    disagreement = mean_error(ref2, truth)
-    second = {(r.prompt_index, r.rollout_index, r.position, r.config): (0.0 if r.degenerate else r.alignment)
-              for r in ref2.records.itertuples()}
+    second = row_alignments(ref2)
+    disagreement = mean_error(second, truth)
     # rows whose truth the reference resolves: the two references agree to 0.05 (chosen from the references only)
     resolved = {k for k, a in truth.items() if abs(a - second[k]) <= TARGET}
     shape = {"reference_disagreement": disagreement, "resolved_rows": len(resolved), "rows": len(truth), "prompts": len(examples), "nodes": int(ref.meta["nodes"]), "reference_rollouts_per_branch": ref_n,

@@ -60,6 +60,22 @@ def run_engine(model, bases, branches, batch_size, device):
     return sum(len(o) for o in out), dt
 
 
+def _generate(model, ids, n, max_new, eos):
+    """Plain ``generate``: ``n`` samples per row at temperature 1, no truncation, exactly ``max_new`` new tokens."""
+    return model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        num_return_sequences=n,
+        max_new_tokens=max_new,
+        min_new_tokens=max_new,
+        pad_token_id=eos,
+    )
+
+
 def run_naive(model, bases, branches, eos, device):
     groups = {}
     for b, L, j, m in branches:
@@ -70,18 +86,7 @@ def run_naive(model, bases, branches, eos, device):
     with torch.no_grad():
         for (b, L, j, m), n in groups.items():
             ids = torch.tensor([list(bases[b][:L]) + [j]], device=device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                top_k=0,
-                top_p=1.0,
-                temperature=1.0,
-                num_return_sequences=n,
-                max_new_tokens=m,
-                min_new_tokens=m,
-                pad_token_id=eos,
-            )
+            out = _generate(model, ids, n, m, eos)
             tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
     _sync(device)
     return tokens, time.perf_counter() - t0
@@ -95,17 +100,7 @@ def run_ceiling(model, n_seq, max_new, batch_size, eos, device):
         for s in range(0, n_seq, batch_size):
             b = min(batch_size, n_seq - s)
             ids = torch.ones((b, 1), dtype=torch.long, device=device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=1,
-                max_new_tokens=max_new,
-                min_new_tokens=max_new,
-                pad_token_id=eos,
-            )
+            out = _generate(model, ids, 1, max_new, eos)
             tokens += (out.shape[1] - 1) * b
     _sync(device)
     return tokens, time.perf_counter() - t0

@@ -92,10 +92,6 @@ class SaturatedNodeModel:
     sigma: np.ndarray  # > 0 for candidates that can be sampled
     n: np.ndarray
 
-    @property
-    def q(self) -> np.ndarray:
-        return self.n
-
     def errors(self, extra: np.ndarray, bumps: Sequence[tuple[int, int]] = ()) -> np.ndarray:
         r = np.where(self.sigma > 0, 0.5 / (self.n + 1.0), 0.0)
         log_keep = np.log1p(-r)
@@ -113,7 +109,7 @@ def greedy_allocation(
     each node (what is left over when every node is full or nothing helps stays unspent).
     """
     unit = max(1, math.ceil(total / max_units))
-    extra = [np.zeros(len(m.q), dtype=np.int64) for m in models]
+    extra = [np.zeros(len(m.n), dtype=np.int64) for m in models]
     room = [int(r) for r in rooms]
     version = [0] * len(models)
     heap: list[tuple[float, float, int, int, int]] = []
@@ -122,7 +118,7 @@ def greedy_allocation(
         if room[i] < unit:
             return
         m = models[i]
-        live = [j for j in range(len(m.q)) if m.sigma[j] > 0]
+        live = [j for j in range(len(m.n)) if m.sigma[j] > 0]
         if not live:
             return
         # a unit changes the error by a hair (and, with fixed draws, often by exactly 0): measure the slope over a

@@ -454,16 +454,18 @@ class AlignmentEngine:
                 if (node, slot) in counts:
                     continue  # terminal: already exact
                 add((node, slot), base_rewards[r])
+        def success(node: tuple[int, int]) -> list[float]:
+            """Mean reward per candidate so far (0 where none was sampled)."""
+            return [sums.get((node, s), 0.0) / max(counts.get((node, s), 0), 1) for s in range(len(cands[node]))]
+
         def node_score(node: tuple[int, int]) -> NodeScore:
             r, t = node
-            ids = cands[node]
-            s_j = [sums.get((node, s), 0.0) / max(counts.get((node, s), 0), 1) for s in range(len(ids))]
             return score_node(
                 z_of[node],
                 [zt_of[ci][node] for ci in range(len(self.configs))],
                 [c.divergence for c in self.configs],
-                torch.as_tensor(ids, dtype=torch.long),
-                torch.as_tensor(s_j, dtype=torch.float64),
+                torch.as_tensor(cands[node], dtype=torch.long),
+                torch.as_tensor(success(node), dtype=torch.float64),
                 int(base[r][t]),
                 temperature=st.temperature,
                 teacher_temperatures=[c.temperature for c in self.configs],
@@ -483,7 +485,7 @@ class AlignmentEngine:
             r, t = node
             ids = cands[node]
             n_j = [counts.get((node, s), 0) for s in range(len(ids))]
-            s_j = [sums.get((node, s), 0.0) / max(n, 1) for s, n in enumerate(n_j)]
+            s_j = success(node)
             cand_t = torch.as_tensor(ids, dtype=torch.long)
             ns = node_score(node)
             # ---- issue 4: parameter-space alignment (opd_callback/param_space.py) ------------------------------ begin

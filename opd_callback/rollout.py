@@ -284,7 +284,6 @@ class TransformersBackend(RolloutBackend):
         attention call it does not cover, or did not call the attention function once per cache layer with it."""
         from transformers import DynamicCache
 
-        device = self.device
         B = len(chunk)
         Ls = [int(branches[k][1]) for k in chunk]
         shared = _SharedPrefix(layers, [int(branches[k][0]) for k in chunk], Ls, [width - n for n in lens])
@@ -294,8 +293,7 @@ class TransformersBackend(RolloutBackend):
             for k, v in layers:
                 empty_k, empty_v = k.new_empty(B, k.shape[1], 0, k.shape[3]), v.new_empty(B, v.shape[1], 0, v.shape[3])
                 cache.layers.append(_BufferedLayer(empty_k, empty_v, capacity))
-        forced = torch.as_tensor([int(branches[k][2]) for k in chunk], device=device)
-        positions = torch.as_tensor(Ls, device=device)
+        forced, positions, rows, limits = self._branch_inputs(chunk, branches)
         with _shared_prefix_attention_on(self.model):
             try:
                 out = self.model(
@@ -313,8 +311,6 @@ class TransformersBackend(RolloutBackend):
                 return False
             if shared.calls != len(layers):
                 return False
-            rows = torch.as_tensor(chunk, device=device)
-            limits = torch.as_tensor([int(branches[k][3]) for k in chunk], device=device)
             logits, cache = out.logits[:, -1], _out_cache(out)
             self._decode(logits, cache, None, positions + 1, rows, limits, generator, results, shared)
         return True
@@ -349,8 +345,7 @@ class TransformersBackend(RolloutBackend):
                 cache.layers.append(_BufferedLayer(kk, vv, capacity))
             else:
                 cache.update(kk, vv, li)
-        forced = torch.as_tensor([int(branches[k][2]) for k in chunk], device=device)
-        positions = torch.as_tensor(Ls, device=device)
+        forced, positions, rows, limits = self._branch_inputs(chunk, branches)
         out = self.model(
             input_ids=forced[:, None],
             attention_mask=mask,
@@ -358,9 +353,16 @@ class TransformersBackend(RolloutBackend):
             use_cache=True,
             **{_cache_kwarg(self.model): cache},
         )
-        rows = torch.as_tensor(chunk, device=device)
-        limits = torch.as_tensor([int(branches[k][3]) for k in chunk], device=device)
         self._decode(out.logits[:, -1], _out_cache(out), mask, positions + 1, rows, limits, generator, results)
+
+    def _branch_inputs(self, chunk, branches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(forced tokens, their positions (= prefix lengths), result rows, max new tokens)`` of a batch of
+        branches, on the model's device."""
+        device = self.device
+        forced = torch.as_tensor([int(branches[k][2]) for k in chunk], device=device)
+        positions = torch.as_tensor([int(branches[k][1]) for k in chunk], device=device)
+        limits = torch.as_tensor([int(branches[k][3]) for k in chunk], device=device)
+        return forced, positions, torch.as_tensor(chunk, device=device), limits
 
 
 def _buffered_layer_class():

@@ -48,23 +48,10 @@ def build_tokenizer():
 
 
 def build_model(tok, seed: int = 0, hidden: int = 16):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from helpers import tiny_qwen2
 
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(cfg)
+    model = tiny_qwen2(len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=seed, hidden=hidden,
+                       max_positions=64).train()  # as built: in training mode, default initializer range
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model

@@ -42,25 +42,43 @@ def make_tokenizer(
     return tok
 
 
-def make_model(tokenizer, *, seed: int, hidden: int = 16, init: float = 0.5, layers: int = 1) -> Qwen2ForCausalLM:
-    """A tiny random Qwen2 whose logits are far from uniform (large ``initializer_range``). Its generation_config is
-    made hostile (top_k=1, top_p=0.5): the engine must ignore it."""
+def tiny_qwen2(
+    vocab_size: int,
+    *,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    hidden: int = 16,
+    layers: int = 1,
+    heads: int = 2,
+    kv_heads: int = 1,
+    init: float = 0.02,
+    max_positions: int = 128,
+) -> Qwen2ForCausalLM:
+    """A tiny random Qwen2 (untied head, no BOS), deterministic from ``seed``; in eval mode."""
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
         initializer_range=init,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    model = Qwen2ForCausalLM(cfg).eval()
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def make_model(tokenizer, *, seed: int, hidden: int = 16, init: float = 0.5, layers: int = 1) -> Qwen2ForCausalLM:
+    """A tiny random Qwen2 whose logits are far from uniform (large ``initializer_range``). Its generation_config is
+    made hostile (top_k=1, top_p=0.5): the engine must ignore it."""
+    model = tiny_qwen2(len(tokenizer), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=seed,
+                       hidden=hidden, layers=layers, init=init)
     model.generation_config.top_k = 1
     model.generation_config.top_p = 0.5
     return model

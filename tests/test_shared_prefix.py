@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from helpers import plain_next_logits
-from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
+from helpers import plain_next_logits, tiny_qwen2
+from transformers import AttentionInterface, Qwen2ForCausalLM
 
 from opd_callback import rollout
 from opd_callback.rollout import TransformersBackend
@@ -31,20 +31,7 @@ ORDERED_BRANCHES *= 4
 
 def _model(seed: int = 0) -> Qwen2ForCausalLM:
     """A random Qwen2 with grouped-query attention (4 query heads share 2 key/value heads)."""
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return tiny_qwen2(V, eos_id=EOS, pad_id=EOS, seed=seed, hidden=32, layers=2, heads=4, kv_heads=2, init=0.2)
 
 
 class _Recording(TransformersBackend):
