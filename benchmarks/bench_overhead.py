@@ -5,13 +5,14 @@ Toy lab (``opd_callback.toy``): the student is distilled from the strong teacher
 step 50, later ones scheduled so that diagnostics take at most ``max_overhead=10%`` of training time). Runs *with* the callback (its defaults: ``RolloutSettings()`` with the trainer's
 temperature and completion length, a probe of 8 rows sampled from the training set, records saved; configurations
 ``current`` = strong teacher reverse KL, plus ``self+answer`` and ``self+solution``, as in the demo) and *without* it
-are alternated (``--repeats`` each, the minimum is taken: the machine is shared and noisy).
+run in ``--repeats`` alternated pairs (default 3; the order inside a pair alternates too); the headline is the
+**median of the per-pair overheads** (the machine is shared and noisy: a pair's two runs see similar load).
 
 Peak memory: in two fresh subprocesses (same trainer, models loaded, one warm-up step done), the peak RSS increase
 over the current RSS of (a) one training step and (b) one diagnostic pass, read from ``VmHWM`` after resetting it
 with ``/proc/self/clear_refs`` (fallback: ``getrusage`` ``ru_maxrss``).
 
-Usage: ``python benchmarks/bench_overhead.py [--steps 100] [--repeats 2] [--threads 1] [--quick]``; writes
+Usage: ``python benchmarks/bench_overhead.py [--steps 1000] [--repeats 3] [--threads 1] [--quick]``; writes
 ``benchmarks/results/overhead.json``. The headline (overhead at the default cadence) is printed last.
 """
 
@@ -194,7 +195,7 @@ def run_memory(mode: str, threads: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
-    p.add_argument("--repeats", type=int, default=1, help="runs with and without the callback, alternated")
+    p.add_argument("--repeats", type=int, default=3, help="alternated pairs of runs without / with the callback")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on 2 shared cores)")
     p.add_argument("--quick", action="store_true", help="--steps 50 --repeats 1 (smoke test)")
     p.add_argument("--memory-worker", choices=["step", "diagnostic"], help=argparse.SUPPRESS)
@@ -232,16 +233,22 @@ def main() -> None:
     timed_run(lab, 2, with_callback=False)
 
     runs = []
+    pairs = []
     for r in range(args.repeats):
-        for with_cb in (False, True):
+        pair = {}
+        for with_cb in ((False, True) if r % 2 == 0 else (True, False)):
             res = timed_run(lab, args.steps, with_cb)
+            res["pair"] = r
             runs.append(res)
+            pair[with_cb] = res["wall_s"]
             diag = ""
             if with_cb:
                 diag = " diagnostics " + ", ".join(
                     f"step {d['step']}: {d['seconds']:.2f}s/{d['continuations']:.0f} cont." for d in res["diagnostics"])
-            print(f"[overhead] run {r + 1} {'with   ' if with_cb else 'without'} callback: {res['wall_s']:7.2f}s{diag}",
+            print(f"[overhead] pair {r + 1} {'with   ' if with_cb else 'without'} callback: {res['wall_s']:7.2f}s{diag}",
                   flush=True)
+        pairs.append(pair[True] / pair[False] - 1.0)
+        print(f"[overhead] pair {r + 1}: overhead {pairs[-1]:+.1%}", flush=True)
 
     without = min(x["wall_s"] for x in runs if not x["with_callback"])
     with_ = min(x["wall_s"] for x in runs if x["with_callback"])
@@ -249,7 +256,9 @@ def main() -> None:
     assert all(x.get("errors", 0) == 0 for x in runs), "a diagnostic failed"
     n_done = len(best_with["diagnostics"])
     step_s = without / args.steps
-    overhead = with_ / without - 1.0
+    overhead = float(sorted(pairs)[len(pairs) // 2]) if len(pairs) % 2 else float(
+        (sorted(pairs)[len(pairs) // 2 - 1] + sorted(pairs)[len(pairs) // 2]) / 2)
+    overhead_of_minima = with_ / without - 1.0
     per_diag = (with_ - without) / max(n_done, 1)
     diag_logged = [d["seconds"] for x in runs if x["with_callback"] for d in x["diagnostics"]]
     per_diag_logged = min(diag_logged) if diag_logged else float("nan")
@@ -298,6 +307,10 @@ def main() -> None:
         "wall_without_s": without,
         "wall_with_s": with_,
         "overhead_fraction": overhead,
+        "overhead_statistic": "median over alternated pairs of (with / without - 1)",
+        "overhead_per_pair": pairs,
+        "overhead_of_minima": overhead_of_minima,
+        "diagnostics_per_run_all": [len(x["diagnostics"]) for x in runs if x["with_callback"]],
         "training_step_s": step_s,
         "overhead_per_diagnostic_s": per_diag,
         "diagnostic_seconds_logged_min": per_diag_logged,
@@ -330,7 +343,8 @@ def main() -> None:
           f"the example's settings ({min(cheap_s) / (50 * step_s):.0%} at every 50)")
     print(f"[overhead] wrote {path} in {payload['total_seconds']:.0f}s")
     print(f"HEADLINE callback overhead at the default cadence ({cadence}, {n_done} diagnostics in "
-          f"{args.steps} steps): {overhead:+.1%} wall time ({without:.1f}s -> {with_:.1f}s)")
+          f"{args.steps} steps): median {overhead:+.1%} wall time over {len(pairs)} alternated pairs (per pair: "
+          + ", ".join(f"{x:+.1%}" for x in pairs) + f"; minima {without:.1f}s -> {with_:.1f}s)")
 
 
 if __name__ == "__main__":

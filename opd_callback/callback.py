@@ -56,15 +56,22 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# early-stopping metric name -> config_summary key
 EARLY_STOPPING_METRICS = {
+    "teacher_gain": "teacher_gain",
+    "step_alignment": "step_alignment",
+    "alignment_weighted": "alignment_weighted",
     "alignment": "alignment_mean",
     "alignment_correct": "alignment_correct",
     "alignment_incorrect": "alignment_incorrect",
     "positive_fraction": "positive_fraction",
     "teacher_advantage": "teacher_advantage",
 }
+# early-stopping metric name -> pooled metric (opd_callback.stats.METRICS) for paired comparisons
+_PAIRED_METRIC = {"teacher_gain": "teacher_gain", "step_alignment": "step_alignment",
+                  "alignment_weighted": "alignment_weighted", "alignment": "alignment_mean",
+                  "teacher_advantage": "teacher_advantage"}
 _COUNTERS = ("rollouts", "nodes", "continuations", "tokens", "seconds")
-_CI_OF = {"alignment": ("ci_low", "ci_high"), "alignment_correct": "ci_correct", "alignment_incorrect": "ci_incorrect"}
 
 
 class DiagnosticError(RuntimeError):
@@ -86,49 +93,82 @@ def _finite(x: Any) -> float | None:
 
 
 class AlignmentEarlyStopping(TrainerCallback, ExportableState):
-    """Stop training when a configuration's alignment metric stays below a threshold.
+    """Stop training when the current teacher configuration pushes the student the wrong way.
 
     Pass it to :class:`GradientAlignmentCallback` (``early_stopping=``), which adds it to the trainer and feeds it
-    every diagnostic. Training stops when ``metric`` of configuration ``config`` is below ``threshold`` for
-    ``patience`` consecutive diagnostics at or after ``min_step``. A diagnostic where the metric is undefined (no
-    non-degenerate node, e.g. no incorrect rollout for ``alignment_incorrect``) counts as neither good nor bad. On a
-    stop the callback sets ``control.should_training_stop`` and ``control.should_save`` (a final checkpoint) on every
-    rank and logs why. Its counters are saved in checkpoints (``ExportableState``) and restored on resume.
+    every diagnostic. A diagnostic is **bad** when either rule fires:
+
+    * *absolute*: ``metric`` of configuration ``config`` is below ``threshold``;
+    * *relative* (``relative=True``, metrics with a paired comparison): another scored configuration beats
+      ``config`` by more than ``margin`` with the paired question-bootstrap CI of the difference entirely above
+      ``margin`` -- "the named alternative is significantly better than the current teacher".
+
+    Training stops after ``patience`` consecutive bad diagnostics at or after ``min_step``. A diagnostic counts as
+    neither good nor bad (*neutral*) when the metric is undefined or rests on fewer than ``min_questions`` questions
+    with a non-degenerate node. On a stop the callback sets ``control.should_training_stop`` and
+    ``control.should_save`` (a final checkpoint) on every rank and logs why. Its counters are saved in checkpoints
+    (``ExportableState``) and restored on resume.
+
+    The defaults watch the decision metric ``teacher_gain`` (method.md, "Deciding between configurations"): the
+    success the student would gain by adopting the teacher at the probed nodes, as a fraction of what the best
+    candidate token would gain; below 0 the teacher makes the student worse where it differs from it. Measured on
+    five independently trained toy labs (``benchmarks/bench_robustness.py``), the defaults stop a teacher trained on
+    a wrong rule, and the strong teacher fine-tuned on it (wrong only at the decisive tokens), and never the strong
+    teacher.
 
     Args:
-        metric: ``"alignment"``, ``"alignment_correct"``, ``"alignment_incorrect"`` (default),
-            ``"positive_fraction"`` or ``"teacher_advantage"``.
-        threshold: a diagnostic is *bad* when the metric is strictly below it.
+        metric: ``"teacher_gain"`` (default), ``"step_alignment"``, ``"alignment_weighted"``, ``"alignment"``,
+            ``"alignment_correct"``, ``"alignment_incorrect"``, ``"positive_fraction"`` or ``"teacher_advantage"``.
+        threshold: absolute rule: a diagnostic is bad when the metric is strictly below it (``None``: no absolute
+            rule).
         patience: consecutive bad diagnostics that stop training.
         config: the configuration watched (default ``"current"``, the trainer's own).
         min_step: diagnostics before this global step are not counted.
-        warn_if_beaten: log a warning when another configuration's confidence interval lies entirely above
-            ``config``'s (for the alignment subset matching ``metric``).
+        warn_if_beaten: log a warning when another configuration is significantly better than ``config`` by the
+            paired CI of ``metric`` (with at least ``min_questions`` questions behind it).
+        relative: use the relative rule (needs alternatives in the callback's ``configs``).
+        margin: the relative rule's margin, in units of ``metric``.
+        min_questions: the least number of questions with a non-degenerate node for a diagnostic (or a "beats"
+            warning) to count.
     """
 
     def __init__(
         self,
-        metric: str = "alignment_incorrect",
-        threshold: float = 0.0,
-        patience: int = 3,
+        metric: str = "teacher_gain",
+        threshold: float | None = 0.0,
+        patience: int = 2,
         config: str = CURRENT,
         min_step: int = 0,
         warn_if_beaten: bool = True,
+        relative: bool = True,
+        margin: float = 0.25,
+        min_questions: int = 4,
     ) -> None:
         if metric not in EARLY_STOPPING_METRICS:
             raise ValueError(f"AlignmentEarlyStopping: metric must be one of {sorted(EARLY_STOPPING_METRICS)}, got {metric!r}")
-        if not isinstance(patience, int) or patience < 1:
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
             raise ValueError(f"AlignmentEarlyStopping: patience must be an int >= 1, got {patience!r}")
         if not isinstance(config, str) or not config:
             raise ValueError("AlignmentEarlyStopping: config must be a configuration name")
-        if not math.isfinite(float(threshold)):
-            raise ValueError(f"AlignmentEarlyStopping: threshold must be finite, got {threshold!r}")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(float(threshold))):
+            raise ValueError(f"AlignmentEarlyStopping: threshold must be a finite number or None, got {threshold!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+            raise ValueError(f"AlignmentEarlyStopping: margin must be a finite number >= 0, got {margin!r}")
+        if not isinstance(min_questions, int) or isinstance(min_questions, bool) or min_questions < 1:
+            raise ValueError(f"AlignmentEarlyStopping: min_questions must be an int >= 1, got {min_questions!r}")
+        if threshold is None and not (relative and metric in _PAIRED_METRIC):
+            raise ValueError("AlignmentEarlyStopping: with threshold=None the relative rule must be on (relative=True "
+                             f"and a metric among {sorted(_PAIRED_METRIC)}), or nothing could ever stop training")
         self.metric = metric
-        self.threshold = float(threshold)
+        self.threshold = None if threshold is None else float(threshold)
         self.patience = patience
         self.config = config
         self.min_step = int(min_step)
         self.warn_if_beaten = bool(warn_if_beaten)
+        self.relative = bool(relative)
+        self.margin = float(margin)
+        self.min_questions = int(min_questions)
         # counters (saved in checkpoints)
         self.bad_count = 0
         self.neutral_count = 0
@@ -147,6 +187,9 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
                 "config": self.config,
                 "min_step": self.min_step,
                 "warn_if_beaten": self.warn_if_beaten,
+                "relative": self.relative,
+                "margin": self.margin,
+                "min_questions": self.min_questions,
             },
             "attributes": {
                 "bad_count": self.bad_count,
@@ -184,78 +227,114 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
             return None  # no non-degenerate node at all
         return _finite(row.get(EARLY_STOPPING_METRICS[self.metric]))
 
-    def update(self, step: int, summary: Sequence[dict]) -> dict:
-        """Count one diagnostic; returns ``{"status", "value", "stop", "message"}``."""
+    def _evidence(self, summary: Sequence[dict], config: str) -> int | None:
+        """Questions with a non-degenerate node behind ``config``'s numbers (None when the summary does not say)."""
+        row = next((r for r in summary if r.get("config") == config), None) or {}
+        n = row.get("n_questions_valid")
+        return None if n is None else int(n)
+
+    def better_alternatives(self, report: AlignmentReport | None, margin: float | None = None) -> list[dict]:
+        """Configurations whose ``metric`` beats ``config``'s by more than ``margin`` (default ``self.margin``) with
+        the paired question-bootstrap CI of the difference entirely above it, and at least ``min_questions``
+        questions behind both. Each: ``{"config", "diff", "diff_ci_low", "diff_ci_high", "n_questions",
+        "n_nodes"}``. Empty for metrics without a paired comparison."""
+        pm_name = _PAIRED_METRIC.get(self.metric)
+        if report is None or pm_name is None or report.records.empty or self.config not in report.configs:
+            return []
+        from . import stats
+
+        margin = self.margin if margin is None else margin
+        diffs = stats.metric_differences(report, pm_name, reference=self.config)
+        summary = report.config_summary()
+        mine = self._evidence(summary, self.config) or 0
+        out = []
+        for _, r in diffs.iterrows():
+            lo = _finite(r["diff_ci_low"])
+            if r["config"] == self.config or lo is None or lo <= margin:
+                continue
+            n_q = min(mine, self._evidence(summary, r["config"]) or 0)
+            if n_q < self.min_questions:
+                continue
+            row = next(x for x in summary if x["config"] == r["config"])
+            out.append({"config": r["config"], "diff": float(r["diff"]), "diff_ci_low": lo,
+                        "diff_ci_high": _finite(r["diff_ci_high"]), "n_questions": n_q,
+                        "n_nodes": int(row.get("n_nodes", 0))})
+        return out
+
+    def update(self, step: int, summary: Sequence[dict], report: AlignmentReport | None = None) -> dict:
+        """Count one diagnostic (``report`` enables the relative rule); returns ``{"status", "value", "stop",
+        "message", "beaten_by"}``."""
         value = self.metric_value(summary)
         key = f"opd/{self.config}/{self.metric}"
         self.diagnostics += 1
         self.last_step = int(step)
         stop = False
+        evidence = self._evidence(summary, self.config)
+        better = self.better_alternatives(report) if self.relative else []
+        below = value is not None and self.threshold is not None and value < self.threshold
         if step < self.min_step:
             status = "before_min_step"
             message = f"AlignmentEarlyStopping: step {step} < min_step {self.min_step}; not counted ({key}={value})."
-        elif value is None:
+        elif value is None or (evidence is not None and evidence < self.min_questions):
             status = "neutral"
             self.neutral_count += 1
+            why = ("is undefined (no usable node)" if value is None else
+                   f"rests on {evidence} question(s) with a non-degenerate node (< min_questions={self.min_questions})")
             message = (
-                f"AlignmentEarlyStopping: {key} is undefined at step {step} (no non-degenerate node); this diagnostic "
-                f"counts as neither good nor bad (bad streak stays {self.bad_count}/{self.patience})."
+                f"AlignmentEarlyStopping: {key} {why} at step {step}; this diagnostic counts as neither good nor bad "
+                f"(bad streak stays {self.bad_count}/{self.patience})."
             )
-        elif value < self.threshold:
+        elif below or better:
             status = "bad"
             self.bad_count += 1
-            message = (
-                f"AlignmentEarlyStopping: {key}={value:.4f} < {self.threshold:g} at step {step} "
-                f"({self.bad_count}/{self.patience} consecutive)."
-            )
+            parts = []
+            if below:
+                parts.append(f"{key}={value:.4f} < {self.threshold:g}")
+            for b in better:
+                parts.append(f"{b['config']!r} beats it by {b['diff']:+.3f} (paired CI [{b['diff_ci_low']:+.3f}, "
+                             f"{b['diff_ci_high']:+.3f}] > margin {self.margin:g}; {b['n_questions']} questions)")
+            message = (f"AlignmentEarlyStopping: bad diagnostic at step {step} ({self.bad_count}/{self.patience} "
+                       f"consecutive): " + "; ".join(parts) + ".")
         else:
             status = "good"
             self.bad_count = 0
-            message = f"AlignmentEarlyStopping: {key}={value:.4f} >= {self.threshold:g} at step {step}; streak reset."
+            message = f"AlignmentEarlyStopping: {key}={value:.4f} at step {step} is not bad; streak reset."
         if status == "bad" and self.bad_count >= self.patience:
             stop = True
             self.stopped_step = int(step)
+            why = []
+            if below:
+                why.append(f"{key} stayed below {self.threshold:g} (last value {value:.4f} at step {step})")
+            if better:
+                why.append("the current configuration was significantly worse than " + ", ".join(
+                    f"{b['config']!r} (by {b['diff']:+.3f}, CI [{b['diff_ci_low']:+.3f}, {b['diff_ci_high']:+.3f}])"
+                    for b in better))
             self.reason = (
-                f"{key} stayed below {self.threshold:g} for {self.bad_count} consecutive diagnostics (last value "
-                f"{value:.4f} at step {step}): the distillation direction of teacher configuration {self.config!r} is "
-                "poorly aligned with the gradient of the student's own success on the probe set. Stopping training "
-                "and saving a checkpoint."
+                f"{self.bad_count} consecutive bad diagnostics for teacher configuration {self.config!r}: "
+                + "; ".join(why) + ". Its distillation direction pushes the student away from success on the probe "
+                "set. Stopping training and saving a checkpoint."
             )
             message = "AlignmentEarlyStopping: " + self.reason
-        return {"status": status, "value": value, "stop": stop, "message": message}
+        return {"status": status, "value": value, "stop": stop, "message": message,
+                "beaten_by": [b["config"] for b in better]}
 
-    def beaten_by(self, summary: Sequence[dict]) -> list[str]:
-        """Configurations whose alignment CI lies entirely above ``config``'s (for the subset matching ``metric``)."""
-        ci = _CI_OF.get(self.metric, ("ci_low", "ci_high"))
-        mine = next((r for r in summary if r.get("config") == self.config), None)
-
-        def bounds(r: dict) -> tuple[float | None, float | None]:
-            if isinstance(ci, tuple):
-                return _finite(r.get(ci[0])), _finite(r.get(ci[1]))
-            lo, hi = (r.get(ci) or [None, None])[:2]
-            return _finite(lo), _finite(hi)
-
-        if mine is None:
-            return []
-        _, my_hi = bounds(mine)
-        if my_hi is None:
-            return []
+    def beaten_by(self, summary: Sequence[dict], report: AlignmentReport | None = None) -> list[str]:
+        """Warnings for configurations significantly better than ``config`` (paired CI of ``metric`` above 0, at
+        least ``min_questions`` questions behind both); each says how much evidence it rests on."""
         out = []
-        for r in summary:
-            if r.get("config") == self.config:
-                continue
-            lo, hi = bounds(r)
-            if lo is not None and lo > my_hi:
-                out.append(
-                    f"configuration {r['config']!r} beats {self.config!r}: its {self.metric if self.metric in _CI_OF else 'alignment'} "
-                    f"CI [{lo:.3f}, {hi:.3f}] lies above [{bounds(mine)[0]:.3f}, {my_hi:.3f}]"
-                )
+        for b in self.better_alternatives(report, margin=0.0):
+            out.append(
+                f"configuration {b['config']!r} beats {self.config!r} on {self.metric}: paired difference "
+                f"{b['diff']:+.3f}, CI [{b['diff_ci_low']:+.3f}, {b['diff_ci_high']:+.3f}] over {b['n_questions']} "
+                f"questions ({b['n_nodes']} nodes)"
+            )
         return out
 
     def __repr__(self) -> str:
         return (
             f"AlignmentEarlyStopping(metric={self.metric!r}, threshold={self.threshold}, patience={self.patience}, "
-            f"config={self.config!r}, min_step={self.min_step}, bad_count={self.bad_count})"
+            f"config={self.config!r}, relative={self.relative}, margin={self.margin}, min_step={self.min_step}, "
+            f"bad_count={self.bad_count})"
         )
 
 
@@ -403,7 +482,9 @@ class GradientAlignmentCallback(TrainerCallback):
             later one is scheduled so that the diagnostics' total wall time stays within ``max_overhead`` of the
             training's wall time (measured: seconds per training step and per diagnostic). An int: a fixed cadence,
             diagnose when ``global_step % every_n_steps == 0``.
-        max_overhead: the budget of the default schedule (0.1 = diagnostics take at most ~10% of training time).
+        max_overhead: the budget of the default schedule (0.1 = diagnostics take at most ~10% of training time). It
+            holds over the whole run, the end-of-run diagnostic included; only a run's first diagnostic may exceed it
+            (every run gets one).
         first_step: step of the first diagnostic under the default schedule.
         configs: alternative :class:`~opd_callback.TeacherConfig` s scored side by side with ``current``.
         settings: :class:`~opd_callback.RolloutSettings`. Default: ``RolloutSettings`` with the trainer's sampling
@@ -412,7 +493,10 @@ class GradientAlignmentCallback(TrainerCallback):
         include_current: score the trainer's own configuration as ``current`` (refused with a message where it
             cannot be derived faithfully, e.g. SDPO; plain ``Trainer`` s have none and need ``configs``).
         run_at_start: also diagnose before the first step (step 0; on resume, at the resume step if not done yet).
-        run_at_end: also diagnose after the last step (if that step was not already diagnosed).
+        run_at_end: also diagnose after the last step (if that step was not already diagnosed). Under the time budget
+            it runs when it fits the budget, and always when no diagnostic ran before: with the default
+            ``run_at_end=True`` every run gets at least one diagnostic. When no scheduled diagnostic falls inside the
+            run, ``on_train_begin`` says so at warning level.
         on_error: ``"warn"`` (log the traceback, count ``opd/errors``, continue training) or ``"raise"``.
         max_heatmap_rollouts: rollouts shown in the wandb HTML heatmap (0 disables it).
         output_subdir: records go to ``<output_dir>/<output_subdir>/step-XXXXXXX/`` (``None`` disables saving).
@@ -553,6 +637,7 @@ class GradientAlignmentCallback(TrainerCallback):
         self.history: list[dict] = []  # {"step", "metrics"} per successful diagnostic (main process)
         self.last_report: AlignmentReport | None = None
         self._last_step: int | None = None
+        self._diagnostics_run = 0  # attempted in this process's run (failed ones included)
         self._panels = None
         self._validated = False
 
@@ -689,6 +774,7 @@ class GradientAlignmentCallback(TrainerCallback):
             )
             for note in self.spec.notes:
                 logger.warning("GradientAlignmentCallback: %s", note)
+            self._warn_if_schedule_is_empty(state)
             d = self._records_dir(args)
             if d is not None and state.global_step == 0 and d.is_dir() and any(d.glob("step-*")):
                 logger.warning(
@@ -702,6 +788,33 @@ class GradientAlignmentCallback(TrainerCallback):
         if self.run_at_start and not self._already_saved(args, state.global_step):
             self._diagnose(args, state, control)
         return control
+
+    def _warn_if_schedule_is_empty(self, state: Any) -> None:
+        """Warn when no scheduled diagnostic falls inside the run (only the end-of-run one, or none, will run)."""
+        max_steps = int(getattr(state, "max_steps", 0) or 0)
+        if self.run_at_start or max_steps <= 0:
+            return
+        start = int(state.global_step)
+        if self.every_n_steps is not None:
+            first = (start // self.every_n_steps + 1) * self.every_n_steps
+            what = f"every_n_steps={self.every_n_steps}"
+        else:
+            first = self._next_step
+            what = f"the time-budget schedule (first_step={self.first_step})"
+        if first <= max_steps:
+            return
+        if self.run_at_end:
+            logger.warning(
+                "GradientAlignmentCallback: with %s no scheduled diagnostic falls within this run (max_steps=%d); the "
+                "only diagnostic will be the end-of-run one at step %d. Pass a smaller first_step / every_n_steps, "
+                "or run_at_start=True, for more.", what, max_steps, max_steps,
+            )
+        else:
+            logger.warning(
+                "GradientAlignmentCallback: with %s and run_at_end=False NO diagnostic will run in this run "
+                "(max_steps=%d). Pass run_at_end=True (the default), run_at_start=True, or a smaller first_step / "
+                "every_n_steps.", what, max_steps,
+            )
 
     def _already_saved(self, args: Any, step: int) -> bool:
         """On resume: were this step's records written before? (The main process decides, for every rank.)"""
@@ -719,8 +832,8 @@ class GradientAlignmentCallback(TrainerCallback):
         if self.every_n_steps is not None:
             due = step % self.every_n_steps == 0 or (self.run_at_end and last)
         else:
-            # time budget: the end-of-run diagnostic also respects it (runs once half the interval has passed)
-            due = step >= self._next_step or (self.run_at_end and last and self._end_within_budget(step))
+            # time budget; the end-of-run diagnostic respects it too, unless no diagnostic has run yet
+            due = step >= self._next_step or (self.run_at_end and last and self._diagnostics_run == 0)
         if due and step != self._last_step:
             self._diagnose(args, state, control)
         return control
@@ -728,7 +841,8 @@ class GradientAlignmentCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         # Training stopped at a step we did not diagnose (e.g. another callback stopped it after our on_step_end).
         if self.run_at_end and self._last_step != state.global_step and self._validated:
-            if self.every_n_steps is None and not self._end_within_budget(state.global_step):
+            over_budget = self.every_n_steps is None and state.global_step < self._next_step
+            if over_budget and self._diagnostics_run > 0:
                 return control
             self._diagnose(args, state, control)
         return control
@@ -739,12 +853,6 @@ class GradientAlignmentCallback(TrainerCallback):
         merged report (on every rank), or ``None`` when it failed with ``on_error="warn"``."""
         t = self.trainer
         return self._diagnose(args or t.args, state or t.state, control or t.control)
-
-    def _end_within_budget(self, step: int) -> bool:
-        """Time budget: an end-of-run diagnostic runs once half the interval to the next scheduled one has passed
-        (step-based, so every process takes the same decision)."""
-        half = self._prev_diag_step + max(1, (self._next_step - self._prev_diag_step) // 2)
-        return step >= half
 
     def _schedule(self, step: int, t0: float) -> int:
         """Main process: the step of the next diagnostic under the time budget (after the one that started at t0)."""
@@ -764,6 +872,7 @@ class GradientAlignmentCallback(TrainerCallback):
     def _diagnose(self, args: Any, state: Any, control: Any) -> AlignmentReport | None:
         step = int(state.global_step)
         self._last_step = step
+        self._diagnostics_run += 1
         world, rank, main = self.world
         t0 = time.perf_counter()
         try:
@@ -920,6 +1029,10 @@ class GradientAlignmentCallback(TrainerCallback):
             put(f"opd/{c}/degenerate_fraction", row["degenerate_fraction"])
             put(f"opd/{c}/alignment_ci_low", row["ci_low"])
             put(f"opd/{c}/alignment_ci_high", row["ci_high"])
+            for metric in ("teacher_gain", "step_alignment", "alignment_weighted"):
+                put(f"opd/{c}/{metric}", row[metric])
+            put(f"opd/{c}/teacher_gain_ci_low", row["teacher_gain_ci"][0])
+            put(f"opd/{c}/teacher_gain_ci_high", row["teacher_gain_ci"][1])
         put("opd/student/success_rate", report.success_rate)
         put("opd/rollouts", len(report.rollouts))
         put("opd/nodes", report.n_nodes)
@@ -938,11 +1051,11 @@ class GradientAlignmentCallback(TrainerCallback):
         metrics: dict[str, float] = {}
         es = self.early_stopping
         if es is not None:
-            decision = es.update(step, summary)
+            decision = es.update(step, summary, report)
             level = logging.WARNING if decision["stop"] else logging.INFO
             logger.log(level, decision["message"])
             if es.warn_if_beaten:
-                for msg in es.beaten_by(summary):
+                for msg in es.beaten_by(summary, report):
                     logger.warning("GradientAlignmentCallback at step %d: %s", step, msg)
             stop = bool(decision["stop"])
             stopper_state = dict(es.state()["attributes"])

@@ -710,7 +710,8 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if len(report.configs) > 1 and not report.records.empty:
         rk = report.ranking()
         ref = rk["reference"].iloc[0] if "reference" in rk.columns else None
-        print(f"\nranking (paired difference vs {ref}, {int(100 * settings.ci_level)}% CI over questions):")
+        print(f"\nranking by {rk['metric'].iloc[0]} (the decision metric; paired difference vs {ref}, "
+              f"{int(100 * settings.ci_level)}% CI over questions):")
         for _, r in rk.iterrows():
             d = "reference" if r["config"] == ref else (
                 f"{r['diff']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"

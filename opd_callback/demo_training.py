@@ -1,12 +1,12 @@
 """The training half of the demo: on-policy distillation on the toy lab with the callback attached.
 
-Run 1 (``runs/demo/train-strong``): ``trl.DistillationTrainer`` distils the strong teacher into the weak student
-(reverse KL, TRL's default ``beta=1``). Every ``every_n_steps`` steps the callback pauses training and scores the
-trainer's own configuration (``current``) and four alternatives side by side on the same rollouts and nodes; wandb
-runs offline.
-
-Run 2 (``runs/demo/train-wrong``): the same with the **wrong** teacher as the trainer's teacher, and
-``AlignmentEarlyStopping`` watching ``current``: it stops the run.
+Three runs (``runs/demo/train-strong``, ``train-wrong``, ``train-hard-wrong``): ``trl.DistillationTrainer`` distils
+the strong teacher, the wrong teacher (trained on a no-carry rule) and the hard wrong teacher (the strong teacher
+fine-tuned on that rule: wrong only at the decisive tokens) into the weak student (reverse KL, TRL's default
+``beta=1``). Every ``every_n_steps`` steps the callback pauses training and scores the trainer's own configuration
+(``current``) and the demo's other configurations side by side on the same rollouts and nodes; wandb runs offline.
+``AlignmentEarlyStopping()`` with its defaults watches ``current``: it lets the strong-teacher run finish and stops
+the other two.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _run_one(
     settings = oc.RolloutSettings(
         num_rollouts=2,
         max_new_tokens=48,
-        node_selection="depth_windows",
+        node_selection="entropy",  # forking tokens: where the stakes are (benchmarks/bench_robustness.py),
         nodes_per_window=1,
         max_nodes_per_rollout=6,
         top_k=3,
@@ -103,6 +103,9 @@ def _run_one(
         run_at_end=True,
     )
     trainer.add_callback(cb)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the demo prints its own tables (wandb gets every row)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -119,7 +122,8 @@ def _run_one(
             {
                 "step": h["step"],
                 "success_rate": m.get("opd/student/success_rate"),
-                **{k[len("opd/"):]: v for k, v in m.items() if k.endswith("/alignment") or k.endswith("/teacher_advantage")},
+                **{k[len("opd/"):]: v for k, v in m.items()
+                   if k.endswith("/alignment") or k.endswith("/teacher_advantage") or k.endswith("/teacher_gain")},
             }
         )
     return {
@@ -127,6 +131,7 @@ def _run_one(
         "steps_run": trainer.state.global_step,
         "max_steps": steps,
         "stopped_early": trainer.state.global_step < steps,
+        "stop_reason": early_stopping.reason if early_stopping is not None else None,
         "seconds": seconds,
         "wandb_run_dir": str(run_dir) if run_dir else None,
         "records_dir": str(rec_dir),
@@ -139,18 +144,19 @@ def _print_run(res: dict) -> None:
     print(f"\n[demo:{res['name']}] {res['steps_run']}/{res['max_steps']} steps in {res['seconds']:.1f}s"
           f"{' (stopped early by AlignmentEarlyStopping)' if res['stopped_early'] else ''}")
     if res["diagnostics"]:
-        keys = [k for k in res["diagnostics"][0] if k.endswith("/alignment")]
-        print("mean alignment per configuration at each diagnostic (teacher advantage of `current` in the last column)")
-        head = f"{'step':>5} {'success':>8} " + " ".join(f"{k.split('/')[0][:15]:>15}" for k in keys) + f" {'A_T(current)':>13}"
+        keys = [k for k in res["diagnostics"][0] if k.endswith("/teacher_gain")]
+        print("teacher_gain (the decision metric) per configuration at each diagnostic; mean alignment of `current` last")
+        head = (f"{'step':>5} {'success':>8} " + " ".join(f"{k.split('/')[0][:18]:>18}" for k in keys)
+                + f" {'align(current)':>15}")
         print(head)
         for d in res["diagnostics"]:
-            vals = " ".join(
-                f"{'nan':>15}" if d.get(k) is None else f"{d[k]:>15.3f}" for k in keys
-            )
-            at = d.get("current/teacher_advantage")
+            vals = " ".join(f"{'nan':>18}" if d.get(k) is None else f"{d[k]:>+18.3f}" for k in keys)
+            al = d.get("current/alignment")
             sr = d.get("success_rate")
             print(f"{d['step']:>5} {'nan' if sr is None else format(sr, '.1%'):>8} {vals} "
-                  f"{'nan' if at is None else format(at, '+.4f'):>13}")
+                  f"{'nan' if al is None else format(al, '+.3f'):>15}")
+    if res.get("stop_reason"):
+        print(f"[demo:{res['name']}] {res['stop_reason']}")
     if res["losses"]:
         print(f"[demo:{res['name']}] loss: first {res['losses'][0]:.4f}, last {res['losses'][-1]:.4f}")
     print(f"[demo:{res['name']}] per-token records: {res['records_dir']}  (oc.AlignmentReport.load(path))")
@@ -160,48 +166,52 @@ def _print_run(res: dict) -> None:
         print(f"[demo:{res['name']}]   upload (with an account): wandb sync {res['wandb_run_dir']}")
 
 
-def run_training_demos(out: Path, seed: int = 0, quick: bool = False) -> dict:
-    """Both training runs; returns a JSON-able summary (also written to ``<out>/training.json``)."""
+#: The teachers of the early-stopping runs: trainer teacher attribute of the lab, configuration name in the demo.
+TEACHERS = {"strong": ("strong_teacher", "strong-teacher"), "wrong": ("wrong_teacher", "wrong-teacher"),
+            "hard-wrong": ("hard_wrong_teacher", "hard-wrong-teacher")}
+
+
+def early_stopping_runs(lab: Any, out: Path, seed: int = 0, quick: bool = False,
+                        which: tuple[str, ...] = ("strong", "wrong", "hard-wrong"), verbose: bool = True,
+                        early_stopping: bool = True) -> dict:
+    """``DistillationTrainer`` runs on ``lab``, one per teacher in ``which``, each with the callback scoring the
+    demo's other configurations side by side and ``AlignmentEarlyStopping()`` **with its defaults** watching
+    ``current`` (``early_stopping=False``: none, every run goes to the end -- the robustness benchmark replays
+    stopping rules on the saved diagnostics). The strong-teacher run is meant to go to the end; the wrong and
+    hard-wrong ones to be stopped."""
     import opd_callback as oc
+
+    from .demo import demo_configs
+
+    steps = 20 if quick else 40
+    every = 5
+    runs = {}
+    for name in which:
+        attr, config_name = TEACHERS[name]
+        res = _run_one(
+            name,
+            out / f"train-{name}",
+            lab,
+            getattr(lab, attr),
+            [c for c in demo_configs(lab) if c.name != config_name],
+            steps=steps,
+            every=every,
+            seed=seed,
+            early_stopping=oc.AlignmentEarlyStopping() if early_stopping else None,
+            quick=quick,
+        )
+        if verbose:
+            _print_run(res)
+        runs[name] = res
+    return runs
+
+
+def run_training_demos(out: Path, seed: int = 0, quick: bool = False) -> dict:
+    """The demo's training runs (strong, wrong and hard-wrong teacher, default early stopping); returns a JSON-able
+    summary (also written to ``<out>/training.json``)."""
     from opd_callback import toy
 
     lab = toy.build_lab(seed=seed, verbose=False)
-    from .demo import demo_configs
-
-    def others(current: str) -> list:  # the core demo's five configurations, less the trainer's own teacher
-        return [c for c in demo_configs(lab) if c.name != current]
-
-    steps = 20 if quick else 40
-    every = 10 if quick else 20
-    strong = _run_one(
-        "strong",
-        out / "train-strong",
-        lab,
-        lab.strong_teacher,
-        others("strong-teacher"),
-        steps=steps,
-        every=every,
-        seed=seed,
-        quick=quick,
-    )
-    _print_run(strong)
-    # The wrong teacher drives training. Early stopping watches the mean alignment of the current configuration:
-    # the strong teacher's stays in 0.52-0.65 during run 1; two consecutive diagnostics below 0.5 stop the run.
-    # (Its teacher advantage, the other natural signal, goes to ~0 as the student absorbs the wrong rule.)
-    stopper = oc.AlignmentEarlyStopping(metric="alignment", threshold=0.5, patience=2, config="current")
-    wrong = _run_one(
-        "wrong",
-        out / "train-wrong",
-        lab,
-        lab.wrong_teacher,
-        others("wrong-teacher"),
-        steps=steps * 2,
-        every=every // 2,
-        seed=seed,
-        early_stopping=stopper,
-        quick=quick,
-    )
-    _print_run(wrong)
-    res = {"strong": strong, "wrong": wrong}
+    res = early_stopping_runs(lab, out, seed=seed, quick=quick)
     (out / "training.json").write_text(json.dumps(res, indent=2, default=str))
     return res

@@ -412,35 +412,50 @@ def _summary_section(report: Any) -> str:
 
 
 def _ranking_section(report: Any) -> str:
+    from .stats import DECISION_METRIC, METRICS
+
     rk = report.ranking()
     if rk.empty:
-        return _section("ranking", "Ranking", "No configuration was scored.", "")
+        return _section("ranking", "Verdict and ranking", "No configuration was scored.", "")
+    dm = DECISION_METRIC
     ref = str(rk["reference"].iloc[0]) if "reference" in rk.columns else ""
     samples = int(report._settings().get("bootstrap_samples", 1000))
-    rows = []
+    rows, verdicts = [], []
     for _, r in rk.iterrows():
+        lo, hi = (list(r.get(f"{dm}_ci")) + [None, None])[:2] if isinstance(r.get(f"{dm}_ci"), (list, tuple)) else (None, None)
         diff = "reference" if r["config"] == ref else _signed_cell(r.get("diff"))
         sig = "" if r["config"] == ref else ("yes" if bool(r.get("significant")) else "no")
         rows.append([
-            _esc(int(r["rank"])), _esc(r["config"]), _signed_cell(r["alignment_mean"]),
-            _esc(_ci(r["ci_low"], r["ci_high"])), diff, _esc(_ci(r.get("diff_ci_low"), r.get("diff_ci_high"))),
-            _esc(_p(r.get("p_value"), samples)), _esc(sig), _esc(_pct(r.get("win_fraction"))),
-            _esc(int(_num(r.get("n_paired")) if math.isfinite(_num(r.get("n_paired"))) else 0)),
+            _esc(int(r["rank"])), _esc(r["config"]), _signed_cell(r["value"]), _esc(_ci(lo, hi)),
+            _signed_cell(r["alignment_mean"]), diff, _esc(_ci(r.get("diff_ci_low"), r.get("diff_ci_high"))),
+            _esc(_p(r.get("p_value"), samples)), _esc(sig), _esc(int(_num(r.get("n_questions_valid")) or 0)
+                                                            if math.isfinite(_num(r.get("n_questions_valid"))) else 0),
         ])
-    table = _table(rows, ["rank", "configuration", "mean alignment", "CI", f"paired diff vs {ref}", "diff CI",
-                          "p (bootstrap)", "significant", "wins vs ref", "paired nodes"], raw=True)
-    forest_mean = svg_forest([(str(r["config"]), r["alignment_mean"], r["ci_low"], r["ci_high"])
-                              for _, r in rk.iterrows()], title="mean alignment with CI")
+        if hi is not None and math.isfinite(_num(hi)) and _num(hi) < 0:
+            verdicts.append(f"{r['config']}: adopting this teacher where it differs from the student loses success "
+                            f"({dm} {_fmt(r['value'], 3, signed=True)}, CI entirely below 0)")
+        elif r["config"] != ref and bool(r.get("significant")) and _num(r.get("diff")) > 0:
+            verdicts.append(f"{r['config']} beats {ref} ({_fmt(r.get('diff'), 3, signed=True)}, paired CI "
+                            f"{_ci(r.get('diff_ci_low'), r.get('diff_ci_high'))})")
+    table = _table(rows, ["rank", "configuration", dm, "CI", "mean alignment", f"paired diff vs {ref}", "diff CI",
+                          "p (bootstrap)", "significant", "questions"], raw=True)
+    forest = svg_forest([(str(r["config"]), r["value"], *((list(r.get(f"{dm}_ci")) + [None, None])[:2]
+                                                         if isinstance(r.get(f"{dm}_ci"), (list, tuple))
+                                                         else (None, None)))
+                         for _, r in rk.iterrows()], title=f"{dm} with CI")
     forest_diff = svg_forest([(str(r["config"]), r.get("diff"), r.get("diff_ci_low"), r.get("diff_ci_high"))
                               for _, r in rk.iterrows() if r["config"] != ref],
                              title=f"paired difference vs {ref}") if len(rk) > 1 else ""
+    verdict = ("<ul>" + "".join(f"<li>{_esc(v)}</li>" for v in verdicts) + "</ul>") if verdicts else (
+        "<p>No configuration is significantly below 0 or significantly better than the reference.</p>")
     return _section(
-        "ranking", "Ranking with paired differences",
-        f"Configurations by mean alignment. Each is compared with the reference ({ref}: the configuration named "
-        "'current' if there is one, else the best) on the same nodes: the difference of alignments node by node, "
-        "averaged, with a question-bootstrap interval. 'significant' means the interval excludes 0, i.e. 'this "
-        "configuration beats / trails the reference' is a statistical statement at this level.",
-        table + f'<div class="plots">{forest_mean}{forest_diff}</div>',
+        "ranking", "Verdict and ranking",
+        f"The decision metric is {dm}: {METRICS[dm]}. It weighs each node by what is at stake there, so a teacher "
+        "that is wrong exactly at the decisive tokens scores below 0 even when its mean alignment is high. "
+        f"Configurations are compared with the reference ({ref}: the configuration named 'current' if there is one, "
+        "else the best) on the same questions: a paired question-bootstrap interval of the difference; 'significant' "
+        "means it excludes 0.",
+        verdict + table + f'<div class="plots">{forest}{forest_diff}</div>',
     )
 
 

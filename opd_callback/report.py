@@ -188,57 +188,96 @@ class AlignmentReport:
         return pd.DataFrame(rows)
 
     def config_summary(self) -> list[dict]:
-        """One object per configuration (the content of ``summary.json``)."""
+        """One object per configuration (the ``configs`` of ``summary.json``).
+
+        Mean-alignment fields (``alignment_*``, ``ci_*``, ``positive_fraction``, ``degenerate_fraction*``) and the
+        pooled, stake-weighted metrics of :data:`opd_callback.stats.METRICS` -- ``teacher_gain``,
+        ``step_alignment``, ``alignment_weighted``, ``teacher_advantage`` -- each with ``<metric>_ci`` (question
+        bootstrap) and, for the decision metric, ``<metric>_correct`` / ``<metric>_incorrect``.
+        ``n_questions_valid`` counts questions with at least one non-degenerate node (the evidence behind a CI).
+        """
+        from . import stats
+
         summ = self.summary()
+        s = self._settings()
+        level = float(s.get("ci_level", 0.95))
+        pooled = {sub: stats.pooled_metrics(self, subset=sub) for sub in SUBSETS}
         out = []
         for name in self.configs:
             part = summ[summ["config"] == name].set_index("subset")
             al, co, inc = part.loc["all"], part.loc["correct"], part.loc["incorrect"]
-            out.append(
-                {
-                    "config": name,
-                    "alignment_mean": _nan(al["alignment_mean"]),
-                    "alignment_median": _nan(al["alignment_median"]),
-                    "alignment_correct": _nan(co["alignment_mean"]),
-                    "alignment_incorrect": _nan(inc["alignment_mean"]),
-                    "ci_low": _nan(al["ci_low"]),
-                    "ci_high": _nan(al["ci_high"]),
-                    "ci_correct": [_nan(co["ci_low"]), _nan(co["ci_high"])],
-                    "ci_incorrect": [_nan(inc["ci_low"]), _nan(inc["ci_high"])],
-                    "positive_fraction": _nan(al["positive_fraction"]),
-                    "degenerate_fraction": _nan(al["degenerate_fraction"]),
-                    "degenerate_fraction_correct": _nan(co["degenerate_fraction"]),
-                    "degenerate_fraction_incorrect": _nan(inc["degenerate_fraction"]),
-                    "teacher_advantage": _nan(al["teacher_advantage"]),
-                    "n_nodes": int(al["n_nodes"]),
-                    "n_nodes_correct": int(co["n_nodes"]),
-                    "n_nodes_incorrect": int(inc["n_nodes"]),
-                    "n_questions": int(al["n_questions"]),
-                }
-            )
+            row = {
+                "config": name,
+                "alignment_mean": _nan(al["alignment_mean"]),
+                "alignment_median": _nan(al["alignment_median"]),
+                "alignment_correct": _nan(co["alignment_mean"]),
+                "alignment_incorrect": _nan(inc["alignment_mean"]),
+                "ci_low": _nan(al["ci_low"]),
+                "ci_high": _nan(al["ci_high"]),
+                "ci_correct": [_nan(co["ci_low"]), _nan(co["ci_high"])],
+                "ci_incorrect": [_nan(inc["ci_low"]), _nan(inc["ci_high"])],
+                "positive_fraction": _nan(al["positive_fraction"]),
+                "degenerate_fraction": _nan(al["degenerate_fraction"]),
+                "degenerate_fraction_correct": _nan(co["degenerate_fraction"]),
+                "degenerate_fraction_incorrect": _nan(inc["degenerate_fraction"]),
+                "teacher_advantage": _nan(al["teacher_advantage"]),
+                "n_nodes": int(al["n_nodes"]),
+                "n_nodes_correct": int(co["n_nodes"]),
+                "n_nodes_incorrect": int(inc["n_nodes"]),
+                "n_questions": int(al["n_questions"]),
+                "n_questions_valid": pooled["all"].n_questions.get(name, 0),
+            }
+            for metric in stats.METRICS:
+                if metric != "alignment_mean":
+                    row[metric] = _nan(pooled["all"].point[name][metric])
+                    row[f"{metric}_ci"] = [_nan(v) for v in pooled["all"].ci(name, metric, level)]
+            dm = stats.DECISION_METRIC
+            row[f"{dm}_correct"] = _nan(pooled["correct"].point[name][dm])
+            row[f"{dm}_incorrect"] = _nan(pooled["incorrect"].point[name][dm])
+            out.append(row)
         return out
 
-    def ranking(
-        self, metric: str = "alignment_mean", *, reference: str | None = None, subset: str = "all"
-    ) -> pd.DataFrame:
-        """Configurations sorted by a :meth:`config_summary` metric (best first), with paired differences.
+    def summary_json(self) -> dict:
+        """The content of ``summary.json``: ``decision_metric`` (the column of ``configs`` that decides rankings,
+        warnings and early stopping), ``metrics`` (what each column means), ``configs`` (:meth:`config_summary`)."""
+        from . import stats
 
-        Besides the :meth:`config_summary` columns: ``rank``, ``reference`` and, from
-        :func:`opd_callback.stats.paired_differences` on ``subset``, ``diff`` (mean of ``alignment_c - alignment_ref``
-        over the nodes where both are non-degenerate), ``diff_ci_low`` / ``diff_ci_high`` (question bootstrap),
-        ``p_value``, ``significant`` (CI excludes 0), ``win_fraction`` and ``n_paired``. The reference is
-        ``reference``, else a configuration named ``"current"``, else the best one.
+        return {"decision_metric": stats.DECISION_METRIC, "metrics": dict(stats.METRICS), "configs": self.config_summary()}
+
+    def ranking(
+        self, metric: str | None = None, *, reference: str | None = None, subset: str = "all"
+    ) -> pd.DataFrame:
+        """Configurations sorted by a metric (best first; default the decision metric
+        :data:`opd_callback.stats.DECISION_METRIC`), with paired differences against a reference.
+
+        Besides the :meth:`config_summary` columns: ``rank``, ``metric``, ``value`` (the metric), ``reference``,
+        ``diff`` (metric minus the reference's, on the same questions), ``diff_ci_low`` / ``diff_ci_high`` (paired
+        question bootstrap), ``p_value``, ``significant`` (CI excludes 0) and ``n_questions_valid``. With
+        ``metric="alignment_mean"`` the differences are node-paired alignments (:func:`stats.paired_differences`,
+        with ``win_fraction`` and ``n_paired``). The reference is ``reference``, else a configuration named
+        ``"current"``, else the best one.
         """
+        from . import stats
+
+        metric = metric or stats.DECISION_METRIC
         df = pd.DataFrame(self.config_summary())
         if df.empty:
             return df
-        df = df.sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
-        from . import stats
-
-        pairs = stats.paired_differences(self, reference=reference, subset=subset)
-        if len(pairs):
+        if metric not in df.columns:
+            raise ValueError(f"ranking: unknown metric {metric!r}; use one of {sorted(stats.METRICS)}")
+        df["metric"] = metric
+        df["value"] = df[metric]
+        df = df.sort_values("value", ascending=False, na_position="last").reset_index(drop=True)
+        if metric == "alignment_mean":
+            pairs = stats.paired_differences(self, reference=reference, subset=subset)
             keep = ["config", "reference", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
                     "win_fraction", "n_paired"]
+        elif metric in stats.METRICS:
+            pairs = stats.metric_differences(self, metric, reference=reference, subset=subset)
+            keep = ["config", "reference", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant"]
+        else:
+            pairs = pd.DataFrame()
+        if len(pairs):
             df = df.merge(pairs[keep], on="config", how="left")
         df.insert(0, "rank", np.arange(1, len(df) + 1))
         return df
@@ -298,23 +337,35 @@ class AlignmentReport:
         return build_html(self, path, **kwargs)
 
     def format_table(self) -> str:
-        """A plain-text table of :meth:`config_summary`, for terminals."""
+        """A plain-text table of :meth:`config_summary`, for terminals: the decision metric first, then mean
+        alignment (all / correct / incorrect rollouts), positive and degenerate shares, mean A_T, nodes."""
+        from . import stats
+
+        dm = stats.DECISION_METRIC
         rows = self.config_summary()
-        head = f"{'config':<22} {'align':>7} {'95% CI':>17} {'correct':>8} {'incorr.':>8} {'pos%':>6} {'degen%':>7} {'A_T':>8} {'nodes':>6}"
+        head = (f"{'config':<22} {dm:>12} {'95% CI':>17} {'align':>7} {'95% CI':>17} {'correct':>8} {'incorr.':>8} "
+                f"{'pos%':>6} {'degen%':>7} {'A_T':>8} {'nodes':>6}")
         lines = [head, "-" * len(head)]
 
         def f(x, w=7, p=3):
             return f"{'nan':>{w}}" if x is None else f"{x:>{w}.{p}f}"
 
+        def ci(lo, hi):
+            return "[nan, nan]" if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
+
         for r in rows:
-            ci = "[nan, nan]" if r["ci_low"] is None else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
             pos = None if r["positive_fraction"] is None else 100 * r["positive_fraction"]
             deg = None if r["degenerate_fraction"] is None else 100 * r["degenerate_fraction"]
             lines.append(
-                f"{r['config']:<22} {f(r['alignment_mean'])} {ci:>17} {f(r['alignment_correct'], 8)} "
-                f"{f(r['alignment_incorrect'], 8)} {f(pos, 6, 1)} {f(deg, 7, 1)} {f(r['teacher_advantage'], 8)} "
-                f"{r['n_nodes']:>6}"
+                f"{r['config']:<22} {f(r[dm], 12)} {ci(*r[f'{dm}_ci']):>17} {f(r['alignment_mean'])} "
+                f"{ci(r['ci_low'], r['ci_high']):>17} {f(r['alignment_correct'], 8)} {f(r['alignment_incorrect'], 8)} "
+                f"{f(pos, 6, 1)} {f(deg, 7, 1)} {f(r['teacher_advantage'], 8)} {r['n_nodes']:>6}"
             )
+        if rows and all(r["alignment_mean"] is None for r in rows):
+            lines.append("no usable node: every scored node is degenerate (all candidates succeed or all fail, or the "
+                         "teacher equals the student); raise num_rollouts / max_new_tokens or probe harder prompts")
+        else:
+            lines.append(f"decision metric: {dm} = {stats.METRICS[dm]}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------------ io
@@ -324,7 +375,7 @@ class AlignmentReport:
         path.mkdir(parents=True, exist_ok=True)
         self.records.to_parquet(path / "records.parquet", index=False)
         self.rollouts.to_parquet(path / "rollouts.parquet", index=False)
-        (path / "summary.json").write_text(json.dumps(self.config_summary(), indent=2))
+        (path / "summary.json").write_text(json.dumps(self.summary_json(), indent=2))
         (path / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
         return path
 

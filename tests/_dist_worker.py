@@ -182,7 +182,7 @@ def run_worker(out_dir: str, model_dir: str) -> dict:
         run_at_start=True,
         configs=[oc.TeacherConfig("self+solution", oc.ContextTeacher("{solution}\n{prompt}"))],
         settings=tiny_settings(),
-        early_stopping=oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=2),
+        early_stopping=oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=2, min_questions=1),
     )
     trainer.add_callback(cb)
     trainer.train()

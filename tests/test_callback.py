@@ -270,6 +270,9 @@ def test_early_stopping_unit_rules():
     es.update(40, summ(-0.1))
     d = es.update(50, summ(-0.2))
     assert d["stop"] and es.stopped_step == 50 and "stayed below" in es.reason
+    # a diagnostic resting on fewer than min_questions questions with a usable node is neutral
+    thin = [{**summ(-0.9)[0], "n_questions_valid": 2}]
+    assert oc.AlignmentEarlyStopping(metric="alignment_incorrect").update(0, thin)["status"] == "neutral"
     # state round trip (what transformers writes into trainer_state.json)
     st = json.loads(json.dumps(es.state()))
     es2 = oc.AlignmentEarlyStopping(**st["args"])
@@ -277,21 +280,16 @@ def test_early_stopping_unit_rules():
 
     assert es2.restore_from(SimpleNamespace(stateful_callbacks={"AlignmentEarlyStopping": st}))
     assert es2.bad_count == 2 and es2.stopped_step == 50
-    # an alternative whose CI lies above current's
-    rows = [
-        {"config": "current", "ci_incorrect": [-0.5, -0.2]},
-        {"config": "ctx", "ci_incorrect": [0.1, 0.4]},
-        {"config": "overlap", "ci_incorrect": [-0.3, 0.4]},
-    ]
-    msgs = es.beaten_by(rows)
-    assert len(msgs) == 1 and "'ctx' beats 'current'" in msgs[0]
+    # "beats" warnings rest on the paired comparison of a report (see tests/test_decision_metric.py): a summary
+    # alone gives none
+    assert es.beaten_by([{"config": "current"}, {"config": "ctx"}]) == []
 
 
 def test_early_stopping_fires_and_survives_resume(tmp_path):
     # threshold 1.01: alignment is a cosine, so every diagnostic is "bad"
     def make(out, max_steps, **cfg):
         tr, _ = _trainer(out, max_steps=max_steps, learning_rate=1e-3, save_strategy="steps", save_steps=1, **cfg)
-        es = oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=3)
+        es = oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=3, min_questions=1)
         cb = oc.GradientAlignmentCallback(tr, reward_fn=accuracy_reward, every_n_steps=1, settings=tiny_settings(), early_stopping=es)
         tr.add_callback(cb)
         return tr, cb
@@ -472,3 +470,35 @@ def test_time_budget_schedule(tmp_path):
     assert cb._diag_seconds * 2 <= 1e-6 * (cb._train_seconds + per_step * (cb._next_step - 2)) * 1.0001
     with pytest.raises(ValueError, match="max_overhead"):
         oc.GradientAlignmentCallback(run, reward_fn=accuracy_reward, max_overhead=0)
+
+
+def test_short_run_gets_one_diagnostic_and_a_warning(tmp_path, caplog):
+    """A run shorter than first_step: the schedule puts nothing inside it; on_train_begin says so at warning level
+    and the end-of-run diagnostic still runs (every run gets one). With run_at_end=False nothing runs, and the warning
+    says so."""
+    run, _ = _trainer(tmp_path / "short", max_steps=3)
+    cb = oc.GradientAlignmentCallback(run, reward_fn=accuracy_reward, configs=_alt(), settings=tiny_settings())
+    run.add_callback(cb)
+    with caplog.at_level(logging.WARNING, logger="opd_callback"):
+        run.train()
+    assert [h["step"] for h in cb.history] == [3]
+    warn = [r for r in caplog.records if r.levelno == logging.WARNING and "no scheduled diagnostic" in r.getMessage()]
+    assert len(warn) == 1 and "end-of-run one at step 3" in warn[0].getMessage()
+    caplog.clear()
+    run, _ = _trainer(tmp_path / "none", max_steps=3)
+    cb = oc.GradientAlignmentCallback(run, reward_fn=accuracy_reward, configs=_alt(), settings=tiny_settings(),
+                                      run_at_end=False)
+    run.add_callback(cb)
+    with caplog.at_level(logging.WARNING, logger="opd_callback"):
+        run.train()
+    assert cb.history == []
+    assert any("NO diagnostic will run" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    # a fixed cadence longer than the run: the same warning
+    caplog.clear()
+    run, _ = _trainer(tmp_path / "every", max_steps=3)
+    cb = oc.GradientAlignmentCallback(run, reward_fn=accuracy_reward, every_n_steps=10, settings=tiny_settings())
+    run.add_callback(cb)
+    with caplog.at_level(logging.WARNING, logger="opd_callback"):
+        run.train()
+    assert [h["step"] for h in cb.history] == [3]
+    assert any("every_n_steps=10" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

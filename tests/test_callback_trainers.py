@@ -261,7 +261,7 @@ def test_plain_trainer_with_explicit_configs(tmp_path, tok):
         tr, reward_fn=accuracy_reward, probe_dataset=build_dataset(4), every_n_steps=1, settings=tiny_settings(),
         configs=[oc.TeacherConfig("teacher", oc.ExternalTeacher(build_model(tok, 1)), divergence="forward_kl"),
                  oc.TeacherConfig("solution", oc.ContextTeacher("{solution}|{prompt}"))],
-        early_stopping=oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=1, config="teacher"),
+        early_stopping=oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=1, config="teacher", min_questions=1),
     )
     assert cb.config_names == ["teacher", "solution"]
     tr.add_callback(cb)

@@ -86,10 +86,12 @@ def test_summary_splits_correct_and_incorrect():
 def test_save_load_round_trip(tmp_path):
     rep = _hand_report()
     out = rep.save(tmp_path / "diag")
-    summary = json.loads((out / "summary.json").read_text())
+    saved = json.loads((out / "summary.json").read_text())
+    summary = saved["configs"]
     assert [s["config"] for s in summary] == ["A", "B"]
     for s in summary:
         assert SUMMARY_KEYS <= set(s), SUMMARY_KEYS - set(s)
+        assert saved["decision_metric"] in s  # the field names its column
     assert summary == json.loads(json.dumps(rep.config_summary()))
     back = AlignmentReport.load(out)
     assert list(back.records.columns) == RECORD_COLUMNS

@@ -83,8 +83,9 @@ def test_paired_difference_is_tight_when_unpaired_cis_overlap():
 
 def test_ranking_reference_and_existing_columns():
     rep = synthetic_report(configs={"a": 0.0, "current": 0.05, "b": 0.1})
-    rk = rep.ranking()
-    # the old behaviour: config_summary columns, sorted best first
+    assert set(rep.ranking()["metric"]) == {stats.DECISION_METRIC}  # the default ranks by the decision metric
+    rk = rep.ranking("alignment_mean")
+    # by mean alignment: config_summary columns, sorted best first
     assert list(rk["config"]) == ["b", "current", "a"]
     for col in pd.DataFrame(rep.config_summary()).columns:
         assert col in rk.columns
@@ -96,7 +97,7 @@ def test_ranking_reference_and_existing_columns():
     assert row.loc["a", "diff"] == pytest.approx(-0.05, abs=0.01) and row.loc["a", "diff_ci_high"] < 0
     # without "current": the best is the reference
     rep2 = synthetic_report(configs={"a": 0.0, "b": 0.1})
-    assert set(rep2.ranking()["reference"]) == {"b"}
+    assert set(rep2.ranking("alignment_mean")["reference"]) == {"b"}
     assert rep2.ranking(metric="positive_fraction")["config"].iloc[0] == "b"
     with pytest.raises(ValueError, match="reference 'zzz'"):
         rep2.paired_differences(reference="zzz")

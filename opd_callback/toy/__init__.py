@@ -11,7 +11,7 @@ teacher, wrong-rule teacher) trained in about a minute on CPU and cached on disk
 >>> print(lab.accuracy_table())    # doctest: +SKIP
 """
 
-from .lab import LAB_VERSION, MODEL_NAMES, ToyLab, build_lab, default_cache_dir
+from .lab import LAB_VERSION, MODEL_NAMES, ToyLab, build_lab, default_cache_dir, load_lab, shipped_lab_dir
 from .models import make_config, set_generation_config, tiny_random_model
 from .task import (
     ANSWER_TEMPLATE,
@@ -38,6 +38,8 @@ __all__ = [
     "MODEL_NAMES",
     "ToyLab",
     "build_lab",
+    "load_lab",
+    "shipped_lab_dir",
     "build_tokenizer",
     "default_cache_dir",
     "encode_items",

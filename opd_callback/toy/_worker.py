@@ -13,7 +13,7 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     from opd_callback.toy.lab import _train_and_save
 
-    result = _train_and_save(args["names"], args["out_dir"], args["seed"], args["verbose"])
+    result = _train_and_save(args["names"], args["out_dir"], args["seed"], args["verbose"], args.get("threads", 1))
     tmp = args["result_path"] + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)

@@ -34,11 +34,15 @@ from .task import (
 from .tokenizer import build_tokenizer
 from .train import encode_items, num_threads, sample_accuracy, train_lm
 
-__all__ = ["ToyLab", "build_lab", "default_cache_dir", "LAB_VERSION", "MODEL_NAMES"]
+__all__ = ["ToyLab", "build_lab", "load_lab", "shipped_lab_dir", "default_cache_dir", "LAB_VERSION", "MODEL_NAMES"]
 
 # Bump whenever the task format, tokenizer, model sizes or training recipe change.
-LAB_VERSION = "toy-v4"
-MODEL_NAMES = ("student", "strong_teacher", "wrong_teacher")
+LAB_VERSION = "toy-v5"
+MODEL_NAMES = ("student", "strong_teacher", "wrong_teacher", "hard_wrong_teacher")
+# Trained labs shipped inside the package (``<SHIPPED_ROOT>/<LAB_VERSION>-seed<N>/``): identical models on every
+# machine. Training is seeded, but float order differs between CPUs and thread counts and training amplifies it, so a
+# lab rebuilt elsewhere is a different (equally valid) lab.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "data"
 
 N_TRAIN = 30000
 N_VAL = 256  # early-stopping checks (disjoint from train and probe)
@@ -72,9 +76,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         hidden_size=64, num_layers=2, lr=3e-3, batch_size=64, total_steps=800, max_steps=1200,
         check_from=350, check_every=50, stop_acc=0.95,
     ),
+    # The *hard* wrong teacher: the strong teacher fine-tuned on the no-carry rule. It agrees with the strong teacher
+    # everywhere except at the tokens that depend on a carry -- the tokens that decide the answer. A mean of per-token
+    # cosines weighs it like the strong teacher; the decision metric must not.
+    "hard_wrong_teacher": dict(
+        init_from="strong_teacher", hidden_size=64, num_layers=2, lr=1e-3, batch_size=64, total_steps=300,
+        max_steps=400, warmup=10, check_from=50, check_every=25, stop_acc=0.9,
+    ),
 }
-# Which models each worker process trains (two processes on two cores, about equal work).
-WORKER_JOBS = (("student",), ("strong_teacher", "wrong_teacher"))
+# Which models each worker process trains (two processes on two cores, about equal work; a model with ``init_from``
+# is trained in the same process as its initialisation).
+WORKER_JOBS = (("student", "wrong_teacher"), ("strong_teacher", "hard_wrong_teacher"))
 
 
 def default_cache_dir() -> Path:
@@ -91,6 +103,7 @@ class ToyLab:
     student: Qwen2ForCausalLM
     strong_teacher: Qwen2ForCausalLM
     wrong_teacher: Qwen2ForCausalLM
+    hard_wrong_teacher: Qwen2ForCausalLM
     train_examples: list[dict]
     probe_examples: list[dict]
     path: Path
@@ -114,10 +127,6 @@ class ToyLab:
             model = Qwen2ForCausalLM.from_pretrained(self.model_path(name))
         return model.eval()
 
-    def load_tokenizer(self) -> PreTrainedTokenizerFast:
-        with _quiet_hf():
-            return PreTrainedTokenizerFast.from_pretrained(self.model_path("student"))
-
     # -- prompts ------------------------------------------------------------------------
     @staticmethod
     def template(context: str | None) -> str | None:
@@ -132,19 +141,6 @@ class ToyLab:
         examples = self.probe_examples if examples is None else examples
         tpl = self.template(context)
         return [format_prompt(e, tpl) for e in examples]
-
-    def dataset_rows(self, examples: Sequence[dict] | None = None, context: str | None = None) -> list[dict]:
-        """Rows for a TRL-style dataset: ``prompt`` (plain text), ``answer``, ``solution``,
-        plus ``teacher_prompt`` when ``context`` is given."""
-        examples = self.probe_examples if examples is None else examples
-        tpl = self.template(context)
-        rows = []
-        for e in examples:
-            row = {k: e[k] for k in ("prompt", "answer", "solution", "misleading_answer", "misleading_solution")}
-            if tpl is not None:
-                row["teacher_prompt"] = format_prompt(e, tpl)
-            rows.append(row)
-        return rows
 
     # -- evaluation ---------------------------------------------------------------------
     def sample_accuracy(self, model: str | torch.nn.Module, n: int | None = None, context: str | None = None, **kwargs) -> float:
@@ -280,14 +276,14 @@ def _train_teacher(name: str, tok, train, val, seed: int, log, init=None) -> tup
     return model, info
 
 
-def _train_and_save(names: Sequence[str], out_dir: str, seed: int, verbose: bool) -> dict[str, Any]:
+def _train_and_save(names: Sequence[str], out_dir: str, seed: int, verbose: bool, threads: int = 1) -> dict[str, Any]:
     """Train ``names``, measure their probe accuracies and save them under ``out_dir``.
 
-    Runs with one intra-op thread so results do not depend on the machine's core count
-    (used both in worker processes and, as a fallback, in the calling process).
+    Runs with ``threads`` intra-op threads (default one, so results do not depend on the machine's core count; used
+    both in worker processes and, as a fallback, in the calling process).
     """
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if verbose else None
-    with num_threads(1), _quiet_hf():
+    with num_threads(threads), _quiet_hf():
         tok = build_tokenizer()
         train, val, probe = _split_examples(seed)
         acc_seed = seed + 12345
@@ -321,9 +317,9 @@ def _train_and_save(names: Sequence[str], out_dir: str, seed: int, verbose: bool
                 acc["student+misleading->misleading"] = sample_accuracy(
                     model, tok, probe, template=MISLEADING_TEMPLATE, seed=acc_seed, answer_key="misleading_answer"
                 )
-            if name == "wrong_teacher":
-                # the wrong teacher's accuracy under its own (no-carry) rule
-                acc["wrong_teacher@no_carry_rule"] = sample_accuracy(model, tok, _with_wrong_rule(probe), seed=acc_seed)
+            if name in ("wrong_teacher", "hard_wrong_teacher"):
+                # the wrong teachers' accuracy under their own (no-carry) rule
+                acc[f"{name}@no_carry_rule"] = sample_accuracy(model, tok, _with_wrong_rule(probe), seed=acc_seed)
             info["seconds"] = round(time.perf_counter() - t0, 2)
             model.save_pretrained(Path(out_dir) / name)
             tok.save_pretrained(Path(out_dir) / name)
@@ -340,7 +336,7 @@ def _num_workers() -> int:
         return 2
 
 
-def _run_workers(out_dir: Path, seed: int, verbose: bool) -> list[dict] | None:
+def _run_workers(out_dir: Path, seed: int, verbose: bool, threads: int = 1) -> list[dict] | None:
     """Run ``_train_and_save`` for each of ``WORKER_JOBS`` in fresh Python processes
     (``python -m opd_callback.toy._worker``; a fresh interpreter, so nothing of the caller's
     ``__main__`` is re-run). Returns None if the processes cannot be started."""
@@ -349,13 +345,13 @@ def _run_workers(out_dir: Path, seed: int, verbose: bool) -> list[dict] | None:
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = str(threads)
     procs: list[tuple[subprocess.Popen, Path]] = []
     try:
         for i, job in enumerate(WORKER_JOBS):
             result_path = out_dir / f".worker{i}.json"
             args = json.dumps({"names": list(job), "out_dir": str(out_dir), "seed": seed, "verbose": verbose,
-                               "result_path": str(result_path)})
+                               "threads": threads, "result_path": str(result_path)})
             cmd = [sys.executable, "-m", "opd_callback.toy._worker", args]
             procs.append((subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL), result_path))
     except OSError as e:
@@ -381,15 +377,15 @@ def _run_workers(out_dir: Path, seed: int, verbose: bool) -> list[dict] | None:
     return results
 
 
-def _train_all(out_dir: Path, seed: int, verbose: bool) -> None:
-    """Train all models into ``out_dir``: two worker processes (one per core, one thread each)
+def _train_all(out_dir: Path, seed: int, verbose: bool, threads: int = 1) -> None:
+    """Train all models into ``out_dir``: two worker processes (one per core, ``threads`` threads each)
     unless ``OPD_TOY_WORKERS=1``, in which case everything runs in this process (same result)."""
     t_start = time.perf_counter()
     workers = min(_num_workers(), len(WORKER_JOBS))
-    results = _run_workers(out_dir, seed, verbose) if workers > 1 else None
+    results = _run_workers(out_dir, seed, verbose, threads) if workers > 1 else None
     if results is None:
         workers = 1
-        results = [_train_and_save(job, str(out_dir), seed, verbose) for job in WORKER_JOBS]
+        results = [_train_and_save(job, str(out_dir), seed, verbose, threads) for job in WORKER_JOBS]
     t_total = time.perf_counter() - t_start
 
     accuracy = {}
@@ -397,8 +393,8 @@ def _train_all(out_dir: Path, seed: int, verbose: bool) -> None:
     for r in results:
         accuracy.update(r["accuracy"])
         infos.update(r["models"])
-    order = ["student", "strong_teacher", "wrong_teacher", "student+answer", "student+solution",
-             "student+misleading->misleading", "wrong_teacher@no_carry_rule"]
+    order = ["student", "strong_teacher", "wrong_teacher", "hard_wrong_teacher", "student+answer", "student+solution",
+             "student+misleading->misleading", "wrong_teacher@no_carry_rule", "hard_wrong_teacher@no_carry_rule"]
     accuracy = {k: accuracy[k] for k in order if k in accuracy}
     meta = {
         "version": LAB_VERSION,
@@ -409,6 +405,8 @@ def _train_all(out_dir: Path, seed: int, verbose: bool) -> None:
         "n_probe": N_PROBE,
         "build_seconds": round(t_total, 2),
         "workers": workers,
+        "threads": threads,
+        "cpu": _cpu_name(),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "models": {name: {**infos[name], "recipe": RECIPES[name]} for name in MODEL_NAMES},
@@ -444,13 +442,48 @@ def _locked(lock_path: Path):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where available): float order, and so the trained lab, depends on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def _is_complete(d: Path) -> bool:
     return (d / "lab.json").is_file() and all((d / n / "config.json").is_file() for n in MODEL_NAMES)
 
 
-def _load(d: Path, seed: int) -> ToyLab:
+def _lab_key(seed: int, threads: int = 1) -> str:
+    return f"{LAB_VERSION}-seed{seed}" + (f"-threads{threads}" if threads != 1 else "")
+
+
+def shipped_lab_dir(seed: int = 0) -> Path | None:
+    """The lab of ``seed`` shipped inside the package, if there is one (seed 0 is)."""
+    d = SHIPPED_ROOT / _lab_key(seed)
+    return d if _is_complete(d) else None
+
+
+def load_lab(path: str | os.PathLike) -> ToyLab:
+    """Load a built lab from its directory (the shipped one, a cache entry, or a copy)."""
+    d = Path(path).expanduser().resolve()
+    if not _is_complete(d):
+        raise FileNotFoundError(
+            f"{d} is not a toy lab (expected lab.json and {', '.join(MODEL_NAMES)}/); build one with "
+            "`python -m opd_callback.toy --rebuild --seed N`"
+        )
     with open(d / "lab.json") as f:
         info = json.load(f)
+    meta = info["meta"]
+    if meta.get("version") != LAB_VERSION:
+        raise ValueError(f"{d} holds lab version {meta.get('version')!r}; this package needs {LAB_VERSION!r}")
+    seed = int(meta["seed"])
     with _quiet_hf():
         tok = PreTrainedTokenizerFast.from_pretrained(d / "student")
         models = {n: Qwen2ForCausalLM.from_pretrained(d / n).eval() for n in MODEL_NAMES}
@@ -461,7 +494,7 @@ def _load(d: Path, seed: int) -> ToyLab:
         probe_examples=probe,
         path=d,
         accuracy=info["accuracy"],
-        meta=info["meta"],
+        meta=meta,
         **models,
     )
 
@@ -471,27 +504,38 @@ def build_lab(
     seed: int = 0,
     force: bool = False,
     verbose: bool = True,
+    threads: int = 1,
 ) -> ToyLab:
-    """Train the toy lab's models (about 1-2 min on 2 CPU cores) or load them from the cache.
+    """The toy lab: the shipped one when the package has it, else trained (2-5 min on 2 CPU cores) and cached.
 
-    The lab lives in ``<cache_dir>/<LAB_VERSION>-seed<seed>/`` (``cache_dir`` defaults to
-    ``$OPD_TOY_CACHE`` or ``~/.cache/opd_callback/toy``) with subfolders ``student/``,
-    ``strong_teacher/``, ``wrong_teacher/`` (model + tokenizer, ``save_pretrained`` format)
-    and ``lab.json`` (accuracies and metadata). Building is serialised across processes
-    with a file lock and written to a temporary folder that is renamed into place.
+    Seed 0 is shipped with the package (``opd_callback/toy/data/``): every machine loads the same weights, so results
+    on it reproduce across machines. Other seeds, other ``threads`` and ``force=True`` train the lab into
+    ``<cache_dir>/<LAB_VERSION>-seed<seed>[-threads<T>]/`` (``cache_dir`` defaults to ``$OPD_TOY_CACHE`` or
+    ``~/.cache/opd_callback/toy``): subfolders ``student/``, ``strong_teacher/``, ``wrong_teacher/``,
+    ``hard_wrong_teacher/`` (model + tokenizer, ``save_pretrained`` format) and ``lab.json`` (accuracies and
+    metadata: seed, threads, CPU, versions). A lab trained on another CPU or with another thread count is a different
+    lab: training amplifies float-order differences. Building is serialised across processes with a file lock and
+    written to a temporary folder that is renamed into place. ``force=True`` retrains even if cached (never touches
+    the shipped lab).
     """
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"build_lab: threads must be an int >= 1, got {threads!r}")
+    if not force and threads == 1:
+        shipped = shipped_lab_dir(seed)
+        if shipped is not None:
+            return load_lab(shipped)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root = root.resolve()
-    key = f"{LAB_VERSION}-seed{seed}"
+    key = _lab_key(seed, threads)
     final = root / key
     if not force and _is_complete(final):
-        return _load(final, seed)
+        return load_lab(final)
     with _locked(root / f"{key}.lock"):
         if force or not _is_complete(final):
             tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
             try:
-                _train_all(tmp, seed, verbose)
+                _train_all(tmp, seed, verbose, threads)
                 if final.exists():
                     trash = root / f".{key}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                     os.rename(final, trash)
@@ -502,4 +546,4 @@ def build_lab(
                     shutil.rmtree(tmp, ignore_errors=True)
         elif verbose:
             print(f"[opd_callback.toy] loading lab from {final}", file=sys.stderr, flush=True)
-        return _load(final, seed)
+        return load_lab(final)
