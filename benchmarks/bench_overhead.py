@@ -223,7 +223,7 @@ def main() -> None:
     every = inspect.signature(oc.GradientAlignmentCallback).parameters["every_n_steps"].default  # None: time budget
     budget = inspect.signature(oc.GradientAlignmentCallback).parameters["max_overhead"].default
     cadence = f"every {every} steps" if every else f"time budget {budget:.0%} (first at step 50)"
-    settings = oc.RolloutSettings(max_new_tokens=MAX_COMPLETION)  # what the callback derives from the trainer
+    settings = oc.RolloutSettings(max_new_tokens=MAX_COMPLETION, node_selection="entropy")  # the callback's default
     bound = estimate_continuations(settings, 8, 3)
     print(f"[overhead] toy lab, DistillationTrainer {args.steps} steps x batch {BATCH}, callback cadence: {cadence} "
           f"(<= {bound:,} continuations per diagnostic), {args.repeats} runs with / without, "
@@ -295,8 +295,9 @@ def main() -> None:
             "cadence": cadence,
             "diagnostics_per_run": n_done,
             "configs": ["current (strong teacher, reverse_kl)", "self+answer", "self+solution"],
-            "settings": "RolloutSettings defaults (num_rollouts=4, max_nodes_per_rollout=8, top_k=4, teacher_top_k=2, "
-                        "rollouts_per_branch=8), max_new_tokens=32 from the trainer; probe: 8 rows of train_dataset",
+            "settings": "the callback's default: RolloutSettings(node_selection='entropy') (num_rollouts=4, "
+                        "max_nodes_per_rollout=8, top_k=4, teacher_top_k=2, rollouts_per_branch=8), max_new_tokens=32 "
+                        "from the trainer; probe: 8 rows of train_dataset",
             "estimate_continuations": bound,
             "repeats": args.repeats,
             "torch_threads": args.threads,

@@ -34,6 +34,7 @@ from common import RESULTS, write_result  # noqa: E402
 
 LABS = [(0, 1), (1, 1), (2, 1), (3, 1), (4, 2)]  # (seed, training threads per process)
 BAD = ("wrong-teacher", "hard-wrong-teacher", "self+misleading")
+DEMO_LR = 1e-4  # opd_callback.demo_training's learning rate
 
 
 def lab_name(seed: int, threads: int) -> str:
@@ -73,7 +74,7 @@ def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
         report.save(rec)
     result = {"success_rate": report.success_rate, "nodes": report.n_nodes,
               "continuations": report.meta.get("continuations"), "seconds": report.meta.get("wall_seconds")}
-    for label, rep in (("full", report), ("half", _half(report, n_prompts // 2))):
+    for label, rep in (("full", report), ("half", _half(report, n_prompts // 2)), ("third", _half(report, n_prompts // 3))):
         table = stats.metric_table(rep)
         table = table[table["subset"] == "all"]
         per = {}
@@ -88,6 +89,11 @@ def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
             }
             per[metric]["separates"] = {b: bool(per[metric][b]["diff_ci"][1] is not None
                                                 and per[metric][b]["diff_ci"][1] < 0) for b in BAD}
+            # absolute verdicts at 0, no reference needed: the bad configuration's CI below 0, the strong one's above
+            per[metric]["bad_below_zero"] = {b: bool(per[metric][b]["ci"][1] is not None and per[metric][b]["ci"][1] < 0)
+                                             for b in BAD}
+            lo = per[metric]["strong-teacher"]["ci"][0]
+            per[metric]["strong_above_zero"] = bool(lo is not None and lo > 0)
             order = sorted(t.index, key=lambda c: -(_num(t.loc[c, "value"]) if _num(t.loc[c, "value"]) is not None else -9))
             per[metric]["ranking"] = order
         result[label] = per
@@ -168,17 +174,19 @@ def replay(diagnostics: list, kwargs: dict) -> dict:
     return {"stopped_at": None, "trace": trace}
 
 
-def train_lab(lab, out: Path, seed: int) -> dict:
+def train_lab(lab, out: Path, seed: int, lr: float) -> dict:
     """The demo's three training runs without early stopping (every diagnostic saved), then every rule replayed."""
     from opd_callback.demo_training import early_stopping_runs
 
     runs = {}
+    out = out / f"lr{lr:g}"
     for name in ("strong", "wrong", "hard-wrong"):
         rec = out / f"train-{name}" / "opd_alignment"
         if rec.is_dir() and any(rec.glob("step-0000040")):
             runs[name] = {"records_dir": str(rec)}
         else:
-            runs[name] = early_stopping_runs(lab, out, seed=seed, which=(name,), early_stopping=False)[name]
+            runs[name] = early_stopping_runs(lab, out, seed=seed, which=(name,), early_stopping=False,
+                                             learning_rate=lr)[name]
     result = {}
     for name, run in runs.items():
         diags = load_diagnostics(Path(run["records_dir"]))
@@ -213,6 +221,23 @@ def print_tables(results: dict) -> None:
         seps = [sum(results["labs"][n]["diagnose"][selection]["full"][metric]["separates"][b] for n in labs
                     if "diagnose" in results["labs"][n]) for b in BAD]
         print("separates strong from " + ", ".join(f"{b}: {s}/{len(labs)}" for b, s in zip(BAD, seps)))
+    print("\n== summary over labs: paired separation of strong from each bad configuration / bad CI below 0 / strong CI "
+          "above 0 ==")
+    names = [n for n in labs if "diagnose" in results["labs"][n]]
+    for selection in SELECTIONS:
+        for budget in ("full", "half", "third"):
+            cells = []
+            for metric in stats.METRICS:
+                sep = below = above = 0
+                for n in names:
+                    d = results["labs"][n]["diagnose"][selection].get(budget, {}).get(metric)
+                    if not d:
+                        continue
+                    sep += sum(d["separates"].values())
+                    below += sum(d.get("bad_below_zero", {}).values())
+                    above += bool(d.get("strong_above_zero"))
+                cells.append(f"{metric}: {sep}/{3 * len(names)} {below}/{3 * len(names)} {above}/{len(names)}")
+            print(f"{selection:<14} {budget:<6} " + " | ".join(cells))
     print("\n== early stopping (40 steps, a diagnostic every 5): step where each rule stops each run, '-' = never ==")
     trained = [n for n in labs if results["labs"][n].get("train")]
     for rule in RULES:
@@ -239,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="toy-lab cache (default $OPD_TOY_CACHE or ~/.cache/...)")
     p.add_argument("--work", default="runs/robustness", help="records of every run (not committed)")
     p.add_argument("--prompts", type=int, default=24)
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the training runs (the demo's)")
     args = p.parse_args(argv)
     import torch
 
@@ -257,7 +283,9 @@ def main(argv=None) -> int:
         if args.phase in ("all", "diagnose"):
             entry["diagnose"] = diagnose_lab(lab, out, args.prompts)
         if args.phase in ("all", "train"):
-            entry["train"] = train_lab(lab, out, seed=0)
+            entry.setdefault("train_by_lr", {})[f"{args.lr:g}"] = train_lab(lab, out, seed=0, lr=args.lr)
+            if args.lr == DEMO_LR:
+                entry["train"] = entry["train_by_lr"][f"{args.lr:g}"]
         write_result("robustness", {k: v for k, v in results.items() if k not in ("benchmark", "date", "machine")})
     print_tables(results)
     return 0

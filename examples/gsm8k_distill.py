@@ -10,8 +10,10 @@ gradient of the student's success (reward: ``math-verify`` via ``trl.rewards.acc
 * ``self+answer``    the student itself, shown the final answer in its prompt (self-distillation);
 * ``self+solution``  the student itself, shown the worked GSM8K solution.
 
-:class:`opd_callback.AlignmentEarlyStopping` stops the run when ``current``'s alignment on incorrect rollouts stays
-below a threshold for ``--early-stopping-patience`` diagnostics. Scalars go to wandb (``train/opd/...``), together
+:class:`opd_callback.AlignmentEarlyStopping` stops the run when ``current``'s ``teacher_gain`` (the decision metric:
+the success gained by adopting the teacher where it differs from the student, as a fraction of what the best token
+would gain) stays below 0, or when ``self+answer`` / ``self+solution`` beats it significantly, for
+``--early-stopping-patience`` consecutive diagnostics. Scalars go to wandb (``train/opd/...``), together
 with per-token tables, histograms and an HTML heatmap; per-token records go to ``<output_dir>/opd_alignment/``.
 
 Launch (one process per GPU; each process holds a bf16 copy of the teacher, ~15 GB for 7B)::
@@ -118,9 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-self-contexts", action="store_true", help="score only 'current' (no self+answer/solution)")
 
     g = p.add_argument_group("early stopping (AlignmentEarlyStopping)")
-    g.add_argument("--early-stopping-metric", default="alignment_incorrect")
+    g.add_argument("--early-stopping-metric", default="teacher_gain", help="default: the decision metric")
     g.add_argument("--early-stopping-threshold", type=float, default=0.0)
-    g.add_argument("--early-stopping-patience", type=int, default=3)
+    g.add_argument("--early-stopping-patience", type=int, default=2)
     g.add_argument("--early-stopping-min-step", type=int, default=0)
     g.add_argument("--no-early-stopping", action="store_true")
     args = p.parse_args(argv)
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, template in contexts.items()
     ]
     settings = oc.RolloutSettings(
+        node_selection="entropy",  # the student's forking tokens (the callback's default; docs/method.md)
         num_rollouts=args.num_rollouts,
         max_new_tokens=args.diag_max_new_tokens,
         temperature=args.temperature,

@@ -487,8 +487,9 @@ class GradientAlignmentCallback(TrainerCallback):
             (every run gets one).
         first_step: step of the first diagnostic under the default schedule.
         configs: alternative :class:`~opd_callback.TeacherConfig` s scored side by side with ``current``.
-        settings: :class:`~opd_callback.RolloutSettings`. Default: ``RolloutSettings`` with the trainer's sampling
-            temperature and completion length.
+        settings: :class:`~opd_callback.RolloutSettings`. Default: ``RolloutSettings(node_selection="entropy")``
+            (nodes at each rollout's highest-entropy positions, the student's forking tokens) with the trainer's
+            sampling temperature and completion length.
         early_stopping: an :class:`AlignmentEarlyStopping`.
         include_current: score the trainer's own configuration as ``current`` (refused with a message where it
             cannot be derived faithfully, e.g. SDPO; plain ``Trainer`` s have none and need ``configs``).
@@ -575,7 +576,9 @@ class GradientAlignmentCallback(TrainerCallback):
         self.spec: TrainerSpec = describe_trainer(trainer)
         self._check_current(configs)
         if settings is None:
-            kw: dict[str, Any] = {}
+            # nodes at the student's forking tokens: where a teacher's push decides the outcome (on five toy labs the
+            # verdicts separate good from bad teachers with far fewer nodes than depth windows; method.md)
+            kw: dict[str, Any] = {"node_selection": "entropy"}
             if self.spec.sampling_temperature:
                 kw["temperature"] = float(self.spec.sampling_temperature)
             if self.spec.max_new_tokens:

@@ -37,6 +37,7 @@ def _run_one(
     seed: int,
     early_stopping: Any = None,
     quick: bool = False,
+    learning_rate: float = 1e-4,
 ) -> dict:
     import copy
 
@@ -57,7 +58,7 @@ def _run_one(
         max_steps=steps,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=1,
-        learning_rate=5e-4,
+        learning_rate=learning_rate,
         lr_scheduler_type="constant",
         max_completion_length=48,
         temperature=1.0,
@@ -173,7 +174,7 @@ TEACHERS = {"strong": ("strong_teacher", "strong-teacher"), "wrong": ("wrong_tea
 
 def early_stopping_runs(lab: Any, out: Path, seed: int = 0, quick: bool = False,
                         which: tuple[str, ...] = ("strong", "wrong", "hard-wrong"), verbose: bool = True,
-                        early_stopping: bool = True) -> dict:
+                        early_stopping: bool = True, learning_rate: float = 1e-4) -> dict:
     """``DistillationTrainer`` runs on ``lab``, one per teacher in ``which``, each with the callback scoring the
     demo's other configurations side by side and ``AlignmentEarlyStopping()`` **with its defaults** watching
     ``current`` (``early_stopping=False``: none, every run goes to the end -- the robustness benchmark replays
@@ -199,6 +200,7 @@ def early_stopping_runs(lab: Any, out: Path, seed: int = 0, quick: bool = False,
             seed=seed,
             early_stopping=oc.AlignmentEarlyStopping() if early_stopping else None,
             quick=quick,
+            learning_rate=learning_rate,
         )
         if verbose:
             _print_run(res)

@@ -392,18 +392,23 @@ def _summary_section(report: Any) -> str:
     rows = []
     for _, r in summ.iterrows():
         rows.append([
-            _esc(r["config"]), _esc(r["subset"]), _signed_cell(r["alignment_mean"]),
+            _esc(r["config"]), _esc(r["subset"]), _signed_cell(r.get("teacher_gain")),
+            _esc(_ci(r.get("teacher_gain_ci_low"), r.get("teacher_gain_ci_high"))), _signed_cell(r["alignment_mean"]),
             _esc(_ci(r["ci_low"], r["ci_high"])), _signed_cell(r["alignment_median"]),
             _esc(_pct(r["positive_fraction"])), _esc(_pct(r["degenerate_fraction"])),
             _esc(_fmt(r["teacher_advantage"], 4, signed=True)), _esc(int(r["n_nodes"])), _esc(int(r["n_valid"])),
             _esc(int(r["n_questions"])),
         ])
     lvl = int(round(100 * float(report._settings().get("ci_level", 0.95))))
-    table = _table(rows, ["configuration", "rollouts", "mean alignment", f"{lvl}% CI (questions)", "median",
+    table = _table(rows, ["configuration", "rollouts", "teacher_gain (decides)", f"{lvl}% CI", "mean alignment",
+                          f"{lvl}% CI (questions)", "median",
                           "positive", "degenerate", "teacher adv. A_T", "nodes", "scored", "questions"], raw=True)
     return _section(
         "summary", "Summary",
-        "Mean cosine between each configuration's distillation direction and the ideal gradient, over non-degenerate "
+        "teacher_gain, the decision metric: the success gained by adopting the teacher where it differs from the "
+        "student, as a fraction of what the best candidate token would gain (below 0: the teacher makes the student "
+        "worse). Mean alignment: the mean cosine between each configuration's distillation direction and the ideal "
+        "gradient, over non-degenerate "
         "nodes, for all rollouts and split by rollout correctness. The interval resamples whole questions. "
         "'positive' is the share of nodes where the teacher pushes towards success; 'degenerate' nodes (all "
         "candidates succeed or all fail, or teacher = student) are excluded from the means.",

@@ -179,12 +179,23 @@ class AlignmentReport:
 
     def summary(self) -> pd.DataFrame:
         """Per configuration x {all, correct, incorrect}: mean/median alignment with a question-bootstrap CI,
-        positive fraction, degenerate fraction, mean teacher advantage, node and question counts."""
+        positive fraction, degenerate fraction, mean teacher advantage, node and question counts, and the decision
+        metric ``teacher_gain`` with its CI (``teacher_gain_ci_low`` / ``teacher_gain_ci_high``) beside the other
+        pooled metrics ``step_alignment`` and ``alignment_weighted``."""
+        from . import stats
+
+        level = float(self._settings().get("ci_level", 0.95))
         rows = []
+        pooled = {subset: stats.pooled_metrics(self, subset=subset) for subset in SUBSETS}
         for name in self.configs:
             df = self.records[self.records["config"] == name]
             for subset in SUBSETS:
-                rows.append({"config": name, "subset": subset, **self.stats(self._subset(df, subset))})
+                pm = pooled[subset]
+                lo, hi = pm.ci(name, stats.DECISION_METRIC, level)
+                rows.append({"config": name, "subset": subset, **self.stats(self._subset(df, subset)),
+                             "teacher_gain": pm.point[name]["teacher_gain"], "teacher_gain_ci_low": lo,
+                             "teacher_gain_ci_high": hi, "step_alignment": pm.point[name]["step_alignment"],
+                             "alignment_weighted": pm.point[name]["alignment_weighted"]})
         return pd.DataFrame(rows)
 
     def config_summary(self) -> list[dict]:
