@@ -49,8 +49,9 @@ def make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes_per_roll
     return bases, branches
 
 
-def run_engine(model, bases, branches, batch_size, device):
+def run_engine(model, bases, branches, batch_size, device, row_streams=True):
     be = TransformersBackend(model, eos_ids=[], pad_id=0, batch_size=batch_size)
+    be.row_streams = row_streams  # False: one shared torch.multinomial stream (records depend on batch_size)
     gen = torch.Generator(device=device).manual_seed(0)
     _sync(device)
     t0 = time.perf_counter()
@@ -106,7 +107,8 @@ def run_ceiling(model, n_seq, max_new, batch_size, eos, device):
     return tokens, time.perf_counter() - t0
 
 
-def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats):
+def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats,
+          streams_only=False):
     bases, branches = make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, 64)
     prefix_lens = [L for _, L, _, _ in branches]
     row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "continuations": len(branches),
@@ -114,20 +116,31 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
            "batch_size": batch_size}
     # warm-up
     run_engine(model, bases, branches[: batch_size], batch_size, device)
-    best = {"engine": 0.0, "naive": 0.0, "ceiling": 0.0}
+    best = {"engine": 0.0, "multinomial": 0.0, "naive": 0.0, "ceiling": 0.0}
     for _ in range(repeats):  # interleaved, best of N (shared machines are noisy)
         tok, dt = run_engine(model, bases, branches, batch_size, device)
         best["engine"] = max(best["engine"], tok / dt)
+        tok, dt = run_engine(model, bases, branches, batch_size, device, row_streams=False)
+        best["multinomial"] = max(best["multinomial"], tok / dt)
+        if streams_only:
+            continue
         tok, dt = run_naive(model, bases, branches, eos, device)
         best["naive"] = max(best["naive"], tok / dt)
         tok, dt = run_ceiling(model, len(branches), max_new, batch_size, eos, device)
         best["ceiling"] = max(best["ceiling"], tok / dt)
     row.update({f"{k}_tokens_per_s": v for k, v in best.items()})
+    # per-row random streams (batch-independent records) vs one shared torch.multinomial stream
+    row["row_streams_cost"] = best["multinomial"] / best["engine"] - 1
+    if streams_only:
+        print(f"{name:<28} per-row streams {best['engine']:9.0f} tok/s | shared multinomial {best['multinomial']:9.0f} "
+              f"| cost of per-row streams {row['row_streams_cost']:+.1%}")
+        return row
     row["engine_over_naive"] = best["engine"] / best["naive"]
     row["engine_over_ceiling"] = best["engine"] / best["ceiling"]
     print(
         f"{name:<28} engine {best['engine']:9.0f} tok/s | naive {best['naive']:9.0f} | ceiling {best['ceiling']:9.0f} | "
-        f"engine/naive {row['engine_over_naive']:5.2f}x | engine/ceiling {row['engine_over_ceiling']:5.1%}"
+        f"engine/naive {row['engine_over_naive']:5.2f}x | engine/ceiling {row['engine_over_ceiling']:5.1%} | "
+        f"per-row streams cost {row['row_streams_cost']:+.1%}"
     )
     return row
 
@@ -139,10 +152,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--big", action="store_true", help="add a 0.5B-shaped random Qwen2 (GPU)")
     p.add_argument("--no-toy", action="store_true", help="skip the toy-lab models")
+    p.add_argument("--row-streams", action="store_true",
+                   help="only the engine, with per-row random streams vs one shared multinomial stream (best of 5)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     dev = args.device
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else (5 if args.row_streams else 3)
     work = dict(prompt_len=40, completion_len=64, n_rollouts=2, nodes=4, cands=6, n_per=8, max_new=16)
     rows = []
     if not args.no_toy:
@@ -152,13 +167,21 @@ def main(argv=None):
         eos = lab.tokenizer.eos_token_id
         for nm in ("student", "strong_teacher"):
             m = getattr(lab, nm).to(dev)
-            rows.append(bench(f"toy-lab {nm}", m, m.config.vocab_size, eos, device=dev, batch_size=192, repeats=repeats, **work))
+            rows.append(bench(f"toy-lab {nm}", m, m.config.vocab_size, eos, device=dev, batch_size=192, repeats=repeats,
+                              streams_only=args.row_streams, **work))
     m20 = random_qwen2(vocab_size=128, hidden=512, layers=6, heads=8, kv_heads=4, eos=0, dtype=dtype, device=dev)
-    rows.append(bench("random Qwen2 ~20M", m20, 128, 0, device=dev, batch_size=192, repeats=repeats, **work))
+    rows.append(bench("random Qwen2 ~20M", m20, 128, 0, device=dev, batch_size=192, repeats=repeats,
+                              streams_only=args.row_streams, **work))
     if args.big:
         big = random_qwen2(vocab_size=151936, hidden=896, layers=24, heads=14, kv_heads=2, eos=0, dtype=dtype, device=dev)
         w = dict(work, n_rollouts=4, nodes=8, completion_len=256, max_new=64)
         rows.append(bench("random Qwen2 0.5B-shaped", big, 151936, 0, device=dev, batch_size=256, repeats=repeats, **w))
+    if args.row_streams:
+        path = write_result("rollouts_row_streams", {"device": dev, "dtype": args.dtype, "rows": rows})
+        worst = max(r["row_streams_cost"] for r in rows)
+        print(f"wrote {path}\nHEADLINE cost of per-row random streams: at most {worst:+.1%} (engine tokens/s, best of "
+              f"{repeats})")
+        return
     path = write_result("rollouts", {"device": dev, "dtype": args.dtype, "rows": rows})
     print(f"wrote {path}")
     head = rows[-1] if not args.big else rows[-2]
