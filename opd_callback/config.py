@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 
 from .divergences import get_divergence
@@ -53,7 +54,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         inner = typing.get_args(tp)
-        return f"a list of {_type_name(inner[0])}s" if inner else "a list"
+        plural = {int: "ints", float: "numbers", str: "strings", bool: "bools"}
+        return f"a list of {plural.get(inner[0], _type_name(inner[0]))}" if inner else "a list"
     if tp is type(None):
         return "None"
     return {bool: "a bool (True or False)", int: "an int", float: "a number", str: "a string"}.get(
@@ -87,15 +89,15 @@ def _conform(value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if tp is bool:
-        if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_
+        if isinstance(value, (bool, np.bool_)):
             return bool(value)
         return _NO
     if tp is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
             return int(value)
         return _NO
     if tp is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
             return float(value) if math.isfinite(float(value)) else _NO
         return _NO
     if tp is str:

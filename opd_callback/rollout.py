@@ -97,9 +97,11 @@ def row_keys(seed: int, n: int, device=None) -> torch.Tensor:
     return _mix64(idx * _GOLDEN + _i64(seed))
 
 
-def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
-    """Uniform draw number ``step`` of each row's stream, float64 in ``(0, 1]`` (53 random bits)."""
-    bits = _mix64(keys + _i64((step + 1) * 0x9E3779B97F4A7C15))
+def row_uniforms(keys: torch.Tensor, steps: int) -> torch.Tensor:
+    """Uniform draws ``0..steps-1`` of each row's stream: float64 ``[len(keys), steps]`` in ``(0, 1]`` (53 random
+    bits each; draw ``s`` of a row is splitmix64's output ``s`` from seed ``key``)."""
+    offsets = torch.arange(1, steps + 1, dtype=torch.long, device=keys.device) * _GOLDEN
+    bits = _mix64(keys[:, None] + offsets[None, :])
     return (_lsr(bits, 11) + 1).double() * (2.0**-53)
 
 
@@ -216,18 +218,17 @@ class TransformersBackend(RolloutBackend):
     def logits(self, sequences, positions):
         return next_token_logits(self.model, sequences, positions, pad_id=self.pad_id, batch_size=self.batch_size)
 
-    def _draw(self, logits: torch.Tensor, generator: torch.Generator, keys: torch.Tensor | None, step: int) -> torch.Tensor:
-        """One token per row from ``softmax(logits / temperature)``: by inverse CDF from each row's stream (``keys``,
-        draw number ``step``), or with ``torch.multinomial`` on ``generator`` when ``keys`` is None."""
+    def _draw(self, logits: torch.Tensor, generator: torch.Generator, u: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row from ``softmax(logits / temperature)``: by inverse CDF at each row's uniform ``u``
+        (float64 ``[B, 1]`` in ``(0, 1]``), or with ``torch.multinomial`` on ``generator`` when ``u`` is None."""
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if keys is None:
+        if u is None:
             if probs.device != generator.device:
                 probs = probs.to(generator.device)
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         cdf = probs.double().cumsum(-1)
-        u = row_uniforms(keys, step).to(cdf.device)
         # the first token whose CDF reaches u * total: u in (0, 1], so zero-probability tokens are never drawn
-        return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
     def _call_keys(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
         """Row keys of one sampling call of ``n`` rows (one seed drawn from ``generator``), or None without
@@ -283,8 +284,10 @@ class TransformersBackend(RolloutBackend):
         cache_kw = _cache_kwarg(self.model)
         shared_kw = {} if shared is None else {_SHARED_PREFIX: shared}
         step = 0
+        # every row's uniforms for the whole call at once (compacted with the rows); None: shared multinomial
+        uni = None if keys is None else row_uniforms(keys[rows], int(limits.max())).to(logits.device)
         while True:
-            tok = self._draw(logits, generator, None if keys is None else keys[rows], step).to(device)
+            tok = self._draw(logits, generator, None if uni is None else uni[:, step : step + 1]).to(device)
             step += 1
             tok_list = tok.tolist()
             for r, t in zip(rows.tolist(), tok_list):
@@ -295,6 +298,8 @@ class TransformersBackend(RolloutBackend):
             if bool(done.any()):  # compact: finished rows stop costing compute
                 keep = (~done).nonzero().squeeze(-1)
                 rows, limits, tok, next_pos = rows[keep], limits[keep], tok[keep], next_pos[keep]
+                if uni is not None:
+                    uni = uni[keep.to(uni.device)]
                 _select_cache_rows(cache, keep)
                 if shared is not None:
                     shared.select(keep)
