@@ -245,7 +245,8 @@ def test_real_sigint_with_python_m(lab, tmp_path):
     """A real Ctrl-C (SIGINT) to ``python -m opd_callback run``: exit status 130 and a loadable partial report.
 
     No race with the clock: the reward function blocks (until the signal) as soon as the first snapshot is on disk,
-    after saying so through a marker file; the test sends SIGINT only once the marker exists."""
+    after saying so through a marker file; the test sends SIGINT only once the marker exists. The child gets SIGINT's
+    default disposition back (a shell that runs pytest in the background ignores SIGINT, and children inherit that)."""
     out = tmp_path / "sigint"
     ready = tmp_path / "ready"
     gated = tmp_path / "gated_rw.py"
@@ -256,15 +257,17 @@ def test_real_sigint_with_python_m(lab, tmp_path):
         "def reward(prompts, completions, answer, **kw):\n"
         "    if (OUT / 'records.parquet').exists():  # the first prompt is saved: wait here for Ctrl-C\n"
         "        READY.touch()\n"
-        "        while True:\n"
+        "        for _ in range(60000):  # a hang guard only: the signal comes long before\n"
         "            time.sleep(0.01)\n"
+        "        raise SystemExit(3)\n"
         "    return [float(a in c) for c, a in zip(completions, answer)]\n"
     )
     args = base_args(lab, out)
     args[args.index("--reward") + 1] = f"{gated}:reward"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "opd_callback", *args, "--save-every", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not ready.exists():
             if proc.poll() is not None:
