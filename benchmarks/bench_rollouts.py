@@ -9,6 +9,11 @@
 All three sample the same number of continuation tokens (EOS disabled so lengths are equal), measured side by side
 in one run. Usage: ``python benchmarks/bench_rollouts.py [--quick] [--device cuda --dtype bfloat16 --big]``.
 The headline ratio (engine / naive on the 20M model) is printed last.
+
+``--row-streams`` measures only the engine, with its per-row random streams (records independent of ``batch_size``
+and ``prefix_cache``) against one shared ``torch.multinomial`` stream per call (the previous sampler), in pairs run
+in alternating order; on CPU it also compares the process's CPU time per pair (the median ratio is the headline:
+wall time on a shared machine moves by more than the effect).
 """
 
 from __future__ import annotations
@@ -49,14 +54,18 @@ def make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes_per_roll
     return bases, branches
 
 
-def run_engine(model, bases, branches, batch_size, device):
+def run_engine(model, bases, branches, batch_size, device, row_streams=True, cpu_time=False):
+    """(tokens, seconds): wall seconds, or with ``cpu_time`` this process's CPU seconds (robust to other processes
+    on a shared CPU machine; meaningful with OMP_NUM_THREADS=1 and no GPU)."""
     be = TransformersBackend(model, eos_ids=[], pad_id=0, batch_size=batch_size)
+    be.row_streams = row_streams  # False: one shared torch.multinomial stream (records depend on batch_size)
     gen = torch.Generator(device=device).manual_seed(0)
+    clock = time.process_time if cpu_time else time.perf_counter
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     out = be.sample_branches(bases, branches, gen)
     _sync(device)
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     return sum(len(o) for o in out), dt
 
 
@@ -106,7 +115,8 @@ def run_ceiling(model, n_seq, max_new, batch_size, eos, device):
     return tokens, time.perf_counter() - t0
 
 
-def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats):
+def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats,
+          streams_only=False):
     bases, branches = make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, 64)
     prefix_lens = [L for _, L, _, _ in branches]
     row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "continuations": len(branches),
@@ -114,20 +124,45 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
            "batch_size": batch_size}
     # warm-up
     run_engine(model, bases, branches[: batch_size], batch_size, device)
-    best = {"engine": 0.0, "naive": 0.0, "ceiling": 0.0}
-    for _ in range(repeats):  # interleaved, best of N (shared machines are noisy)
-        tok, dt = run_engine(model, bases, branches, batch_size, device)
-        best["engine"] = max(best["engine"], tok / dt)
+    best = {"engine": 0.0, "multinomial": 0.0, "naive": 0.0, "ceiling": 0.0}
+    ratios = []  # per repeat: CPU time with per-row streams / with the shared multinomial (CPU only)
+    cpu = str(device) == "cpu"
+    for rep in range(repeats):  # interleaved, best of N (shared machines are noisy)
+        pair = {}
+        for streams in ((True, False) if rep % 2 == 0 else (False, True)):  # alternate the order: no position bias
+            tok, dt = run_engine(model, bases, branches, batch_size, device, row_streams=streams)
+            key = "engine" if streams else "multinomial"
+            best[key] = max(best[key], tok / dt)
+            if streams_only and cpu:
+                pair[key] = run_engine(model, bases, branches, batch_size, device, row_streams=streams,
+                                       cpu_time=True)[1]
+        if pair:
+            ratios.append(pair["engine"] / pair["multinomial"])
+        if streams_only:
+            continue
         tok, dt = run_naive(model, bases, branches, eos, device)
         best["naive"] = max(best["naive"], tok / dt)
         tok, dt = run_ceiling(model, len(branches), max_new, batch_size, eos, device)
         best["ceiling"] = max(best["ceiling"], tok / dt)
     row.update({f"{k}_tokens_per_s": v for k, v in best.items()})
+    # per-row random streams (batch-independent records) vs one shared torch.multinomial stream
+    row["row_streams_cost"] = best["multinomial"] / best["engine"] - 1
+    if ratios:
+        ratios.sort()
+        row["row_streams_cpu_cost_median"] = ratios[len(ratios) // 2] - 1
+        row["row_streams_cpu_cost_all"] = [r - 1 for r in ratios]
+    if streams_only:
+        cpu_txt = (f" | CPU time, median of {len(ratios)} pairs {row['row_streams_cpu_cost_median']:+.1%}"
+                   if ratios else "")
+        print(f"{name:<28} per-row streams {best['engine']:9.0f} tok/s | shared multinomial {best['multinomial']:9.0f} "
+              f"| wall, best of {repeats}: cost {row['row_streams_cost']:+.1%}{cpu_txt}")
+        return row
     row["engine_over_naive"] = best["engine"] / best["naive"]
     row["engine_over_ceiling"] = best["engine"] / best["ceiling"]
     print(
         f"{name:<28} engine {best['engine']:9.0f} tok/s | naive {best['naive']:9.0f} | ceiling {best['ceiling']:9.0f} | "
-        f"engine/naive {row['engine_over_naive']:5.2f}x | engine/ceiling {row['engine_over_ceiling']:5.1%}"
+        f"engine/naive {row['engine_over_naive']:5.2f}x | engine/ceiling {row['engine_over_ceiling']:5.1%} | "
+        f"per-row streams cost {row['row_streams_cost']:+.1%}"
     )
     return row
 
@@ -139,10 +174,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--big", action="store_true", help="add a 0.5B-shaped random Qwen2 (GPU)")
     p.add_argument("--no-toy", action="store_true", help="skip the toy-lab models")
+    p.add_argument("--row-streams", action="store_true",
+                   help="only the engine, with per-row random streams vs one shared multinomial stream (best of 5)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     dev = args.device
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else (7 if args.row_streams else 3)
     work = dict(prompt_len=40, completion_len=64, n_rollouts=2, nodes=4, cands=6, n_per=8, max_new=16)
     rows = []
     if not args.no_toy:
@@ -152,13 +189,22 @@ def main(argv=None):
         eos = lab.tokenizer.eos_token_id
         for nm in ("student", "strong_teacher"):
             m = getattr(lab, nm).to(dev)
-            rows.append(bench(f"toy-lab {nm}", m, m.config.vocab_size, eos, device=dev, batch_size=192, repeats=repeats, **work))
+            rows.append(bench(f"toy-lab {nm}", m, m.config.vocab_size, eos, device=dev, batch_size=192, repeats=repeats,
+                              streams_only=args.row_streams, **work))
     m20 = random_qwen2(vocab_size=128, hidden=512, layers=6, heads=8, kv_heads=4, eos=0, dtype=dtype, device=dev)
-    rows.append(bench("random Qwen2 ~20M", m20, 128, 0, device=dev, batch_size=192, repeats=repeats, **work))
+    rows.append(bench("random Qwen2 ~20M", m20, 128, 0, device=dev, batch_size=192, repeats=repeats,
+                              streams_only=args.row_streams, **work))
     if args.big:
         big = random_qwen2(vocab_size=151936, hidden=896, layers=24, heads=14, kv_heads=2, eos=0, dtype=dtype, device=dev)
         w = dict(work, n_rollouts=4, nodes=8, completion_len=256, max_new=64)
         rows.append(bench("random Qwen2 0.5B-shaped", big, 151936, 0, device=dev, batch_size=256, repeats=repeats, **w))
+    if args.row_streams:
+        path = write_result("rollouts_row_streams", {"device": dev, "dtype": args.dtype, "rows": rows})
+        key = "row_streams_cpu_cost_median" if "row_streams_cpu_cost_median" in rows[0] else "row_streams_cost"
+        worst = max(r[key] for r in rows)
+        what = "process CPU time, median of paired runs" if key != "row_streams_cost" else f"wall, best of {repeats}"
+        print(f"wrote {path}\nHEADLINE cost of per-row random streams: at most {worst:+.1%} ({what})")
+        return
     path = write_result("rollouts", {"device": dev, "dtype": args.dtype, "rows": rows})
     print(f"wrote {path}")
     head = rows[-1] if not args.big else rows[-2]

@@ -34,14 +34,14 @@ import random
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .config import RolloutSettings, TeacherConfig
+from .config import RolloutSettings, TeacherConfig, check_value
 from .engine import AlignmentEngine
 from .integrations.trainers import CURRENT, TrainerSpec, describe_trainer, unwrap
 from .report import AlignmentReport
@@ -146,7 +146,15 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
     ) -> None:
         if metric not in EARLY_STOPPING_METRICS:
             raise ValueError(f"AlignmentEarlyStopping: metric must be one of {sorted(EARLY_STOPPING_METRICS)}, got {metric!r}")
-        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+        owner = "AlignmentEarlyStopping"  # types checked, not coerced
+        threshold = check_value(owner, "threshold", threshold, Optional[float])
+        patience = check_value(owner, "patience", patience, int)
+        min_step = check_value(owner, "min_step", min_step, int)
+        warn_if_beaten = check_value(owner, "warn_if_beaten", warn_if_beaten, bool)
+        relative = check_value(owner, "relative", relative, bool)
+        margin = check_value(owner, "margin", margin, float)
+        min_questions = check_value(owner, "min_questions", min_questions, int)
+        if patience < 1:
             raise ValueError(f"AlignmentEarlyStopping: patience must be an int >= 1, got {patience!r}")
         if not isinstance(config, str) or not config:
             raise ValueError("AlignmentEarlyStopping: config must be a configuration name")
@@ -534,6 +542,17 @@ class GradientAlignmentCallback(TrainerCallback):
             )
         if not callable(reward_fn):
             raise TypeError("reward_fn must be callable: reward_fn(prompts, completions, **columns) -> list[float]")
+        owner = "GradientAlignmentCallback"  # types checked, not coerced (issue 12)
+        every_n_steps = check_value(owner, "every_n_steps", every_n_steps, int | None)
+        max_overhead = check_value(owner, "max_overhead", max_overhead, float)
+        first_step = check_value(owner, "first_step", first_step, int)
+        probe_size = check_value(owner, "probe_size", probe_size, int)
+        max_heatmap_rollouts = check_value(owner, "max_heatmap_rollouts", max_heatmap_rollouts, int)
+        for flag, value in (("include_current", include_current), ("run_at_start", run_at_start),
+                            ("run_at_end", run_at_end), ("save_records", save_records)):
+            check_value(owner, flag, value, bool)
+        check_value(owner, "output_subdir", output_subdir, str | None)
+        check_value(owner, "heatmap_config", heatmap_config, str | None)
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be an int >= 1 or None (time budget), got {every_n_steps!r}")
         if not (isinstance(max_overhead, (int, float)) and 0 < max_overhead):

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import types
@@ -33,6 +32,7 @@ __all__ = ["main", "build_parser", "parse_divergence", "load_examples", "load_re
 PROG = "opd-diagnose"
 RUN_KEYS = ("student", "tokenizer", "data", "split", "limit", "reward", "out", "device", "dtype", "save_every",
             "max_questions", "trust_remote_code")
+_RUN_KEY_TYPES = {"limit": int, "save_every": int, "max_questions": int, "trust_remote_code": bool}
 
 
 class CliError(ValueError):
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-token gradient-alignment diagnostics for on-policy distillation (arXiv 2605.10889).",
         allow_abbrev=False,
     )
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also after the command)")
     sub = p.add_subparsers(dest="command", metavar="{run,report,compare,demo}")
     sub.required = True
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-questions", type=int, default=None, metavar="N",
                    help="questions shown token by token in report.html (default 30)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     _add_settings_flags(r.add_argument_group("rollout settings (RolloutSettings fields)"))
 
     rp = sub.add_parser("report", help="(re)build the HTML report of a run directory", allow_abbrev=False,
@@ -171,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-questions", type=int, default=30, metavar="N")
     rp.add_argument("--color-config", metavar="NAME", help="configuration that colours the tokens first")
     rp.add_argument("--title", help="page title")
+    rp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
     cp = sub.add_parser("compare", help="two runs side by side (e.g. two checkpoints)", allow_abbrev=False,
                         description="Compare two run directories: mean alignment per configuration in each and the "
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("dir_b", metavar="DIR_B")
     cp.add_argument("--names", nargs=2, metavar=("A", "B"), help="labels of the two runs (default: directory names)")
     cp.add_argument("--out", metavar="FILE", default="compare.html", help="HTML file (default: compare.html)")
+    cp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
     sub.add_parser("demo", help="the toy-lab demo (flags are passed to python -m opd_callback.demo)", add_help=False)
     return p
@@ -283,13 +287,22 @@ def load_examples(path: str | Path, split: str | None = None, limit: int | None 
         rows = rows[: int(limit)]
     if not rows:
         raise CliError(f"--data {path}: no rows")
-    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "prompt" not in r]
-    if bad:
-        r = rows[bad[0]]
-        cols = sorted(r) if isinstance(r, dict) else type(r).__name__
-        raise CliError(f"--data {path}: row {bad[0]} has no 'prompt' column (it has {cols}); rename the prompt column "
-                       "to 'prompt'")
-    return rows
+    from .config import messages_to_prompt_row
+
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise CliError(f"--data {path}: row {i} is a {type(r).__name__}, not an object with a 'prompt' column")
+        if "prompt" not in r and "messages" in r:
+            try:
+                r = messages_to_prompt_row(r)  # TRL's conversational format: the final assistant turn is dropped
+            except (TypeError, ValueError) as exc:
+                raise CliError(f"--data {path}: row {i}: {exc}") from None
+        if "prompt" not in r:
+            raise CliError(f"--data {path}: row {i} has no 'prompt' column (it has {sorted(r)}); rename the prompt "
+                           "column to 'prompt', or give chat rows a 'messages' column (TRL's conversational format)")
+        out.append(r)
+    return out
 
 
 def _import_object(spec: str, what: str) -> Any:
@@ -383,18 +396,34 @@ class _ConfigSpec:
     options: dict = dataclasses.field(default_factory=dict)
 
 
+_OPTION_TYPES = {"beta": float | None, "temperature": float, "top_k": int | None}
+
+
 def _specs_from_file(data: dict) -> list[_ConfigSpec]:
+    from .config import parse_setting
+
     out: list[_ConfigSpec] = []
     for key, kind in (("teachers", "teacher"), ("contexts", "context")):
-        block = data.get(key) or {}
-        items = block.items() if isinstance(block, dict) else [(b.get("name"), b) for b in block]
+        block = data.get(key)
+        if block is None:
+            continue
+        shape = ("NAME: PATH or NAME: {model: PATH, divergence: ...}" if kind == "teacher"
+                 else "NAME: TEMPLATE or NAME: {template: TEMPLATE, divergence: ...}")
+        if isinstance(block, dict):
+            items = list(block.items())
+        elif isinstance(block, list) and all(isinstance(b, dict) for b in block):
+            items = [(b.get("name"), b) for b in block]
+        else:
+            raise CliError(f"--config: '{key}' must be a mapping ({shape}) or a list of mappings with 'name', got "
+                           f"{type(block).__name__} {block!r:.60}")
         for name, v in items:
-            if not name:
-                raise CliError(f"--config: every entry of '{key}' needs a name")
+            if not name or not isinstance(name, (str, int)) or isinstance(name, bool):
+                raise CliError(f"--config: every entry of '{key}' needs a name (a string), got {name!r}")
             if isinstance(v, str):
                 v = {"model": v} if kind == "teacher" else {"template": v}
             if not isinstance(v, dict):
-                raise CliError(f"--config: {key}.{name} must be a string or a mapping")
+                raise CliError(f"--config: {key}.{name} must be a string or a mapping ({shape}), got "
+                               f"{type(v).__name__} {v!r:.60}")
             v = dict(v)
             v.pop("name", None)
             model = v.pop("model", v.pop("path", None))
@@ -403,12 +432,26 @@ def _specs_from_file(data: dict) -> list[_ConfigSpec]:
                 raise CliError(f"--config: teachers.{name} needs 'model' (a from_pretrained path)")
             if kind == "context" and not template:
                 raise CliError(f"--config: contexts.{name} needs 'template'")
-            unknown = sorted(set(v) - {"divergence", "beta", "temperature", "top_k"})
+            if model is not None and not isinstance(model, str):
+                raise CliError(f"--config: {key}.{name}.model must be a path (a string), got {model!r}")
+            if template is not None and not isinstance(template, str):
+                raise CliError(f"--config: contexts.{name}.template must be a string, got {template!r}")
+            unknown = sorted(set(v) - {"divergence", *_OPTION_TYPES})
             if unknown:
                 raise CliError(f"--config: {key}.{name} has unknown keys {unknown}; allowed: model/template, "
                                "divergence, beta, temperature, top_k")
-            if isinstance(v.get("divergence"), str) and ":" in v["divergence"]:
-                v["divergence"] = _import_object(v["divergence"], f"--config {key}.{name}.divergence")
+            for opt, tp in _OPTION_TYPES.items():
+                if opt in v:
+                    try:
+                        v[opt] = parse_setting("--config", f"{key}.{name}.{opt}", v[opt], tp)
+                    except (TypeError, ValueError) as exc:
+                        raise CliError(str(exc)) from None
+            if "divergence" in v:
+                if not isinstance(v["divergence"], str):
+                    raise CliError(f"--config: {key}.{name}.divergence must be a name such as reverse_kl or "
+                                   f"MODULE:FUNCTION, got {v['divergence']!r}")
+                if ":" in v["divergence"]:
+                    v["divergence"] = _import_object(v["divergence"], f"--config {key}.{name}.divergence")
             out.append(_ConfigSpec(str(name), kind, model, template, v))
     return out
 
@@ -432,23 +475,45 @@ def _resolve(args: argparse.Namespace) -> dict:
     unknown = sorted(k for k in file if k not in known and k not in field_names)
     if unknown:
         raise CliError(f"--config: unknown keys {unknown}; allowed: {sorted(known)} and RolloutSettings fields")
+    from .config import parse_setting
+
     run: dict[str, Any] = {}
     for k in RUN_KEYS:
         v = getattr(args, k, None)
-        run[k] = v if v is not None else file.get(k)
+        if v is None and file.get(k) is not None:
+            try:
+                v = parse_setting("--config", k, file[k], _RUN_KEY_TYPES.get(k, str))
+            except (TypeError, ValueError) as exc:
+                raise CliError(str(exc)) from None
+        run[k] = v
     if run["save_every"] is None:
         run["save_every"] = 10
     if run["max_questions"] is None:
         run["max_questions"] = 30
+    for k, lo in (("limit", 1), ("save_every", 0), ("max_questions", 0)):
+        if run[k] is not None and run[k] < lo:
+            raise CliError(f"--{k.replace('_', '-')} must be >= {lo}, got {run[k]}")
     for k in ("student", "data", "reward", "out"):
         if not run[k]:
             raise CliError(f"--{k} is required (or put '{k}:' in the --config file)")
-    # settings: file 'settings:' block and top-level fields, then flags
-    s_file = dict(file.get("settings") or {})
+    # settings: file 'settings:' block and top-level fields, then flags; strings from the file are parsed or refused
+    block = file.get("settings")
+    if block is not None and not isinstance(block, dict):
+        raise CliError(f"--config: 'settings' must be a mapping of RolloutSettings fields (e.g. settings: "
+                       f"{{num_rollouts: 4}}), got {type(block).__name__} {block!r:.60}")
+    s_file = dict(block or {})
     s_file.update({k: v for k, v in file.items() if k in field_names})
     bad = sorted(set(s_file) - field_names)
     if bad:
         raise CliError(f"--config settings: unknown keys {bad}; see opd-diagnose run --help for the settings")
+    hints = typing.get_type_hints(RolloutSettings)
+    for k, v in list(s_file.items()):
+        if k == "param_filter" and isinstance(v, list):
+            continue
+        try:
+            s_file[k] = parse_setting("--config settings", k, v, hints[k])
+        except (TypeError, ValueError) as exc:
+            raise CliError(str(exc)) from None
     s_cli = {k: getattr(args, k) for k in field_names if hasattr(args, k)}
     run["settings"] = {**s_file, **s_cli}
     # configurations, in order: file first, then flags (a flag with the same name replaces the file's entry)
@@ -465,7 +530,12 @@ def _resolve(args: argparse.Namespace) -> dict:
             raise CliError(f"configuration names must be unique; {name!r} is given twice (--teacher/--context)")
         from_flags.append(name)
         specs = [s for s in specs if s.name != name] + [spec]  # a flag replaces the config file's entry
-    cm = dict(file.get("context_models") or {})
+    cm_block = file.get("context_models")
+    if cm_block is not None and (not isinstance(cm_block, dict)
+                                 or not all(isinstance(p, str) for p in cm_block.values())):
+        raise CliError(f"--config: 'context_models' must map context names to model paths (NAME: PATH), got "
+                       f"{cm_block!r:.60}")
+    cm = dict(cm_block or {})
     for v in args.context_model or []:
         n, p = _split_named(v, "--context-model", "self+answer=/models/frozen-copy")
         cm[n] = p
@@ -480,8 +550,11 @@ def _resolve(args: argparse.Namespace) -> dict:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise CliError(f"configuration names must be unique; repeated: {dup}")
-    divs = list(file.get("divergence") or [])
-    divs = [divs] if isinstance(divs, str) else divs
+    divs = file.get("divergence") or []
+    divs = [divs] if isinstance(divs, str) else divs  # 'divergence: reverse_kl' (one) or a list of specs
+    if not isinstance(divs, list) or not all(isinstance(d, str) for d in divs):
+        raise CliError(f"--config: 'divergence' must be a divergence spec such as reverse_kl or 'big=jsd,beta=0.5', "
+                       f"or a list of them, got {divs!r:.60}")
     default_kw: dict = {}
     for d in divs + list(args.divergence or []):
         n, kw = parse_divergence(d)
@@ -492,10 +565,45 @@ def _resolve(args: argparse.Namespace) -> dict:
         if not hit:
             raise CliError(f"--divergence {d!r}: no configuration named {n!r} (have {names})")
         hit[0].options.update(kw)
+    from .config import ContextTeacher, TeacherConfig, template_fields
+
     for s in specs:
         s.options = {**default_kw, **s.options}
+        try:  # every check of a configuration that needs no model, before any model is loaded
+            if s.kind == "context":
+                template_fields(s.template)
+            TeacherConfig(s.name, ContextTeacher("{prompt}"), **s.options)
+        except (TypeError, ValueError) as exc:
+            raise CliError(f"configuration {s.name!r}: {exc}") from None
     run["specs"] = specs
     return run
+
+
+def _check_data(examples: list[dict], specs: list[_ConfigSpec], data: str) -> None:
+    """The rows' prompts and every context template against every row, before any model is loaded."""
+    from .config import format_template
+    from .engine import _check_examples
+
+    try:
+        rows = _check_examples(examples)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--data {data}: {exc}") from None
+    examples[:] = rows
+    for s in specs:
+        if s.kind != "context":
+            continue
+        for i, r in enumerate(rows):
+            p = r["prompt"]
+            if not isinstance(p, str):  # chat prompt: {prompt} is the last user message's content
+                user = [m for m in p if m.get("role") == "user"]
+                if not user:
+                    raise CliError(f"--data {data}: row {i} is a chat prompt without a 'user' message, which context "
+                                   f"configuration {s.name!r} rewrites")
+                r = {**r, "prompt": user[-1]["content"]}
+            try:
+                format_template(s.template, r, f"context configuration {s.name!r}, row {i} of {data}")
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
 
 
 def _device(name: str | None):
@@ -527,15 +635,41 @@ def _load_model(path: str, device, dtype: str | None, trust: bool, what: str):
 
 
 def _save_atomic(report: Any, out: Path) -> None:
-    """Write the report files next to their final names, then rename them into place (a crash mid-save leaves the
-    previous snapshot intact)."""
-    tmp = out / ".saving"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    report.save(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    """:meth:`AlignmentReport.save` writes into a temporary directory and renames the files into place (a failure or a
+    kill mid-save leaves the previous snapshot intact)."""
+    report.save(out)
+
+
+def _print_ranking(report: Any, settings: Any, nodes: int) -> None:
+    """The paired ranking, or one line saying why there is none (no node scored, every node degenerate)."""
+    from .engine import no_nodes_message
+
+    if nodes == 0 or report.records.empty:
+        print(f"\n{PROG}: {no_nodes_message(settings, report.rollouts.to_dict('records'))}", file=sys.stderr)
+        return
+    usable = int((~report.records["degenerate"].astype(bool)).sum())
+    if usable == 0:
+        print(f"\n{PROG}: no usable nodes: all {report.n_nodes} scored nodes are degenerate (|g| or |d| below "
+              f"degenerate_eps={settings.degenerate_eps:g}: every continuation of a node got the same reward, or the "
+              "teacher agrees with the student there), so no alignment is defined; use more rollouts_per_branch, "
+              "more prompts, or a reward with partial credit", file=sys.stderr)
+        return
+    if len(report.configs) < 2:
+        return
+    rk = report.ranking()
+    ref = rk["reference"].iloc[0] if "reference" in rk.columns else None
+    print(f"\nranking by {rk['metric'].iloc[0]} (the decision metric; paired difference vs {ref}, "
+          f"{int(100 * settings.ci_level)}% CI over questions):")
+    for _, r in rk.iterrows():
+        if r["config"] == ref:
+            d = "reference"
+        elif not math.isfinite(float(r.get("diff", float("nan")))):
+            d = "n/a (undefined: no node where both it and the reference have something at stake)"
+        else:
+            ci = ("" if not math.isfinite(float(r["diff_ci_low"]))
+                  else f" [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]")
+            d = f"{r['diff']:+.3f}{ci}" + (" *" if r["significant"] else "")
+        print(f"  {int(r['rank'])}. {r['config']:<22} {d}")
 
 
 def _token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
@@ -555,6 +689,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise CliError(str(exc)) from None
         reward_fn = load_reward(run["reward"])
         examples = load_examples(run["data"], run["split"], run["limit"])
+        _check_data(examples, run["specs"], run["data"])
         out = Path(run["out"])
         if out.exists() and not out.is_dir():
             raise CliError(f"--out {out}: exists and is not a directory")
@@ -613,6 +748,8 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except (ValueError, TypeError) as exc:
             raise CliError(str(exc)) from None
     except CliError as exc:
+        if _DEBUG:
+            raise
         parser.error(str(exc))
         return 2  # pragma: no cover - parser.error exits
 
@@ -657,12 +794,10 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prepared), initial=completed, desc=PROG, unit="prompt", dynamic_ncols=True)
-    was_training = student.training
-    teachers = {id(engine._model_of(c)): engine._model_of(c) for c in configs}
-    modes = {k: m.training for k, m in teachers.items()}
-    student.eval()
-    for m in teachers.values():
-        m.eval()
+    from .engine import eval_mode
+
+    modes = eval_mode(student, *engine.teacher_models())
+    modes.__enter__()
     interrupted = False
     n_correct = sum(bool(r["correct"]) for r in rollouts)
     try:
@@ -696,9 +831,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                   file=sys.stderr)
         return 1
     finally:
-        for k, m in teachers.items():
-            m.train(modes[k])
-        student.train(was_training)
+        modes.__exit__(None, None, None)
     if bar is not None:
         bar.close()
     report = snapshot(interrupted)
@@ -707,16 +840,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         build_html(report, out / "report.html", max_questions=int(run["max_questions"]))
     print(report.format_table())
-    if len(report.configs) > 1 and not report.records.empty:
-        rk = report.ranking()
-        ref = rk["reference"].iloc[0] if "reference" in rk.columns else None
-        print(f"\nranking by {rk['metric'].iloc[0]} (the decision metric; paired difference vs {ref}, "
-              f"{int(100 * settings.ci_level)}% CI over questions):")
-        for _, r in rk.iterrows():
-            d = "reference" if r["config"] == ref else (
-                f"{r['diff']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
-                + (" *" if r["significant"] else ""))
-            print(f"  {int(r['rank'])}. {r['config']:<22} {d}")
+    _print_ranking(report, settings, totals["nodes"])
     where = f"{out}" + ("" if args.no_html else f" (open {out / 'report.html'})")
     if interrupted:
         print(f"\n{PROG}: interrupted: {completed} of {len(prepared)} prompts scored; partial report saved to {where}; "
@@ -738,8 +862,12 @@ def _load_report(path: str, parser: argparse.ArgumentParser, what: str):
         parser.error(f"{what} {path}: no such directory (give a directory written by opd-diagnose run)")
     try:
         return AlignmentReport.load(p)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        parser.error(f"{what} {path}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - unreadable parquet / JSON, foreign columns: one line, exit 2
+        if _DEBUG:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        kind = "" if isinstance(exc, (FileNotFoundError, ValueError)) else f"{type(exc).__name__}: "
+        parser.error(f"{what} {path}: cannot read a run from it ({kind}{first})")
 
 
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -818,24 +946,43 @@ def _cmd_demo(rest: list[str]) -> int:
     return rc
 
 
+_DEBUG = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``opd-diagnose`` and ``python -m opd_callback``; returns the exit status."""
+    """Entry point of ``opd-diagnose`` and ``python -m opd_callback``; returns the exit status.
+
+    Bad input ends the command with one line on stderr and status 2; an unexpected error with one line and status 1.
+    ``--debug`` (anywhere on the command line) shows the traceback instead."""
+    global _DEBUG
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    _DEBUG = "--debug" in argv
     if argv and argv[0] == "demo":
         return _cmd_demo(argv[1:])
     args = parser.parse_args(argv)
     args._argv = argv
     sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-    if args.command == "run":
-        return _cmd_run(args, sub)
-    if args.command == "report":
-        return _cmd_report(args, sub)
-    if args.command == "compare":
-        return _cmd_compare(args, sub)
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
-    return 2
+    cmd = {"run": _cmd_run, "report": _cmd_report, "compare": _cmd_compare}.get(args.command)
+    if cmd is None:  # pragma: no cover
+        parser.error(f"unknown command {args.command!r}")
+    try:
+        return cmd(args, sub)
+    except CliError as exc:
+        if _DEBUG:
+            raise
+        sub.error(str(exc))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line, the traceback with --debug
+        if _DEBUG:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"{sub.prog}: error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 2  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,29 +2,41 @@
 
 :func:`diagnose` is the training-free entry point; :class:`AlignmentEngine` is the reusable object behind it (the
 trainer callback holds one). Work is done one prompt at a time with a random generator seeded from
-``(settings.seed, prompt_index)``, so records do not depend on how prompts are split across processes or batched.
+``(settings.seed, prompt_index)``, so records do not depend on how prompts are split across processes; within a
+prompt every sampled row has its own random stream (:class:`~opd_callback.rollout.TransformersBackend`), so they do
+not depend on ``batch_size`` or ``prefix_cache`` either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .alignment import NodeScore, score_node, window_index
 from .allocation import SATURATION_MIN_SAMPLES, NodeErrorModel, SaturatedNodeModel, greedy_allocation
-from .config import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
+from .config import (
+    ContextTeacher,
+    ExternalTeacher,
+    RolloutSettings,
+    TeacherConfig,
+    format_template,
+    messages_to_prompt_row,
+)
 from .report import AlignmentReport
 from .rollout import RolloutBackend, TransformersBackend, eos_token_ids, next_token_logits
 
-__all__ = ["diagnose", "AlignmentEngine", "RewardFunctionError", "select_nodes", "vocab_size"]
+__all__ = ["diagnose", "AlignmentEngine", "RewardFunctionError", "select_nodes", "vocab_size", "eval_mode",
+           "position_limit"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +73,31 @@ def _check_examples(examples: Any) -> list[dict]:
     if not rows:
         raise ValueError("examples is empty: the diagnostic needs at least one prompt (a dict with a 'prompt' field)")
     for i, r in enumerate(rows):
+        if "prompt" not in r and "messages" in r:
+            try:
+                rows[i] = r = messages_to_prompt_row(r)  # TRL's conversational format: drop the final assistant turn
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"example {i}: {exc}") from None
         if "prompt" not in r:
-            raise ValueError(f"example {i} has no 'prompt' field (its fields: {sorted(r)}); add one")
+            raise ValueError(
+                f"example {i} has no 'prompt' field (its fields: {sorted(r)}); add one (a string or chat messages), "
+                "or give chat rows a 'messages' list"
+            )
         p = r["prompt"]
+        if hasattr(p, "tolist") and not isinstance(p, str):  # numpy arrays from parquet / datasets
+            rows[i] = r = {**r, "prompt": p.tolist()}
+            p = r["prompt"]
         if isinstance(p, str):
+            if not p:
+                raise ValueError(f"example {i}: 'prompt' is an empty string; the student needs a prompt to continue "
+                                 "(drop the row or give it text)")
             continue
-        if isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
+        if isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
+            if not all(isinstance(m["content"], str) for m in p):
+                raise TypeError(f"example {i}: every chat message's 'content' must be a string")
             continue
         raise TypeError(
-            f"example {i}: 'prompt' must be a string or a list of chat messages "
+            f"example {i}: 'prompt' must be a string or a list of chat messages (non-empty) "
             f"[{{'role': ..., 'content': ...}}], got {type(p).__name__}"
         )
     return rows
@@ -83,7 +111,19 @@ def _last_user_index(messages: list[dict]) -> int:
 
 
 def _check_reward(out: Any, n: int, name: str) -> list[float]:
+    if isinstance(out, (Mapping, str, bytes, set, frozenset)) or not hasattr(out, "__len__"):
+        raise RewardFunctionError(
+            f"reward function {name} returned {type(out).__name__}; it must return a list of {n} floats "
+            "(one per completion, in the order of the completions)"
+        )
+    if hasattr(out, "ndim") and getattr(out, "ndim") != 1:
+        raise RewardFunctionError(
+            f"reward function {name} returned a {getattr(out, 'ndim')}-dimensional {type(out).__name__}; it must "
+            f"return a flat list of {n} floats (one per completion)"
+        )
     try:
+        if any(isinstance(v, (str, bytes)) for v in out):
+            raise TypeError("a string is not a reward")
         vals = [float("nan") if v is None else float(v) for v in out]
     except (TypeError, ValueError) as exc:
         raise RewardFunctionError(
@@ -108,6 +148,57 @@ def _check_reward(out: Any, n: int, name: str) -> list[float]:
             stacklevel=3,
         )
     return vals
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Put ``models`` in eval mode for the block, then restore **every** submodule's own ``training`` flag (a model in
+    ``train()`` with one submodule deliberately in ``eval()`` comes back exactly so)."""
+    saved: list[tuple[torch.nn.Module, bool]] = []
+    seen: set[int] = set()
+    for m in models:
+        if m is None:
+            continue
+        for sub in m.modules():
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                saved.append((sub, sub.training))
+    try:
+        for m in models:
+            if m is not None:
+                m.eval()
+        yield
+    finally:
+        for sub, was in saved:
+            sub.training = was
+
+
+def position_limit(model: torch.nn.Module) -> tuple[int | None, bool]:
+    """``(max positions, hard)`` of a model: ``max_position_embeddings`` (or ``n_positions``...) from its config, and
+    whether it is a hard limit (a learned absolute position embedding, e.g. GPT-2's ``wpe``, which fails past it) or
+    not (rotary / relative positions run past it, untrained)."""
+    cfg = getattr(model, "config", None)
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        try:
+            cfg = get_text()
+        except Exception:  # noqa: BLE001 - fall back to the top-level config
+            pass
+    limit = None
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx", "seq_length"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            limit = v
+            break
+    if limit is None:
+        return None, False
+    hard = False
+    for name, sub in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(sub, torch.nn.Embedding) and ("wpe" == leaf or "position" in leaf or leaf.startswith("pos")):
+            hard = True
+            break
+    return limit, hard
 
 
 def select_nodes(
@@ -180,6 +271,15 @@ class AlignmentEngine:
         settings: RolloutSettings | None = None,
         backend: RolloutBackend | None = None,
     ) -> None:
+        if not isinstance(student, torch.nn.Module):
+            raise TypeError(f"student must be a causal LM (a torch.nn.Module), got {type(student).__name__}")
+        if settings is not None and not isinstance(settings, RolloutSettings):
+            raise TypeError(f"settings must be a RolloutSettings, got {type(settings).__name__}; e.g. "
+                            "settings=RolloutSettings(num_rollouts=4)")
+        if isinstance(configs, TeacherConfig):
+            configs = [configs]
+        if configs is None or isinstance(configs, (str, bytes, Mapping)) or not hasattr(configs, "__iter__"):
+            raise TypeError(f"configs must be a list of TeacherConfig, got {type(configs).__name__}")
         self.student = student
         self.tokenizer = tokenizer
         self.configs = list(configs)
@@ -211,6 +311,8 @@ class AlignmentEngine:
             batch_size=self.settings.batch_size,
         )
         self.reward_name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+        self._limits: dict[int, tuple[int | None, bool]] = {}
+        self._warned_positions: set[int] = set()
 
     # ---------------------------------------------------------------------------------------------------- validation
     def _check_teachers(self) -> None:
@@ -236,6 +338,14 @@ class AlignmentEngine:
     def _model_of(self, c: TeacherConfig) -> torch.nn.Module:
         return c.teacher.model if c.teacher.model is not None else self.student
 
+    def teacher_models(self) -> list[torch.nn.Module]:
+        """The distinct teacher models (the student itself for live-weight context teachers)."""
+        out: dict[int, torch.nn.Module] = {}
+        for c in self.configs:
+            m = self._model_of(c)
+            out.setdefault(id(m), m)
+        return list(out.values())
+
     # ---------------------------------------------------------------------------------------------------- prompts
     def _encode_text(self, text: str, raw: bool) -> list[int]:
         enc = self.tokenizer(text, add_special_tokens=raw)
@@ -250,18 +360,19 @@ class AlignmentEngine:
         text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         return self._encode_text(text, raw=False)
 
-    def teacher_prompt(self, c: TeacherConfig, example: dict) -> Any:
+    def teacher_prompt(self, c: TeacherConfig, example: dict, index: int | None = None) -> Any:
         """The prompt (string or messages) that configuration ``c``'s teacher sees for ``example``."""
         t = c.teacher
         if isinstance(t, ExternalTeacher):
             return example["prompt"]
         prompt = example["prompt"]
+        where = f"ContextTeacher of config {c.name!r}" + ("" if index is None else f", example {index}")
         if isinstance(prompt, str):
-            return t.template.format(**example)
+            return format_template(t.template, example, where)
         msgs = copy.deepcopy(prompt)
         i = _last_user_index(msgs)
         content = msgs[i]["content"]
-        msgs[i]["content"] = t.template.format(**{**example, "prompt": content})
+        msgs[i]["content"] = format_template(t.template, {**example, "prompt": content}, where)
         return msgs
 
     def prepare(self, examples: Any, indices: Sequence[int] | None = None) -> list[_Prepared]:
@@ -284,10 +395,41 @@ class AlignmentEngine:
         out = []
         for idx, r in zip(indices, rows):
             pids = self._encode_prompt(r["prompt"])
-            tids = [self._encode_prompt(self.teacher_prompt(c, r)) for c in self.configs]
+            if not pids:
+                raise ValueError(
+                    f"example {idx}: the prompt {str(r['prompt'])[:80]!r} encodes to no tokens (the tokenizer adds no "
+                    "BOS); the student needs at least one prompt token to continue: give it text"
+                )
+            tids = [self._encode_prompt(self.teacher_prompt(c, r, idx)) for c in self.configs]
+            self._check_lengths(idx, pids, tids)
             cols = {k: v for k, v in r.items() if k != "prompt"}
             out.append(_Prepared(int(idx), r, r["prompt"], pids, tids, cols))
         return out
+
+    def _check_lengths(self, idx: int, pids: list[int], tids: list[list[int]]) -> None:
+        """Refuse a prompt whose rollouts would run past a model's learned position embeddings (the limit named);
+        warn once where a rotary model would run past its configured length."""
+        T = self.settings.max_new_tokens
+        for who, model, n in [("student", self.student, len(pids))] + [
+            (f"teacher of config {c.name!r}", self._model_of(c), len(t)) for c, t in zip(self.configs, tids)
+        ]:
+            limit, hard = self._limits.setdefault(id(model), position_limit(model))
+            if limit is None or n + T <= limit:
+                continue
+            if hard:
+                raise ValueError(
+                    f"example {idx}: the {who}'s prompt has {n} tokens and completions up to max_new_tokens={T}, "
+                    f"{n + T} positions in all, past the model's {limit} position embeddings; shorten the prompt or "
+                    f"lower max_new_tokens to {max(limit - n, 0)} or less"
+                    + (" (the prompt alone is too long)" if n >= limit else "")
+                )
+            if id(model) not in self._warned_positions:
+                self._warned_positions.add(id(model))
+                warnings.warn(
+                    f"example {idx}: the {who}'s prompt ({n} tokens) plus max_new_tokens={T} runs past the model's "
+                    f"max_position_embeddings={limit}; rotary positions beyond it were not trained",
+                    stacklevel=3,
+                )
 
     # ---------------------------------------------------------------------------------------------------- rewards
     def score(self, prep: _Prepared, completions: Sequence[Sequence[int]]) -> list[float]:
@@ -627,25 +769,19 @@ class AlignmentEngine:
                 it = bar
             except ImportError:  # pragma: no cover
                 pass
-        was_training = self.student.training
-        self.student.eval()
-        teachers = {id(self._model_of(c)): self._model_of(c) for c in self.configs}
-        teacher_modes = {k: m.training for k, m in teachers.items()}
-        for m in teachers.values():
-            m.eval()
         try:
-            for prep in it:
-                rec, rol, stats = self.run_prompt(prep)
-                records.extend(rec)
-                rollouts.extend(rol)
-                for k in totals:
-                    totals[k] += stats[k]
+            with eval_mode(self.student, *self.teacher_models()):
+                for prep in it:
+                    rec, rol, stats = self.run_prompt(prep)
+                    records.extend(rec)
+                    rollouts.extend(rol)
+                    for k in totals:
+                        totals[k] += stats[k]
         finally:
             if bar is not None:
                 bar.close()
-            for k, m in teachers.items():
-                m.train(teacher_modes[k])
-            self.student.train(was_training)
+        if totals["nodes"] == 0:
+            warn_no_nodes(self.settings, rollouts)
         info = {
             "settings": _settings_dict(self.settings),
             "configs": [
@@ -665,6 +801,26 @@ class AlignmentEngine:
             **(meta or {}),
         }
         return AlignmentReport(records, rollouts, meta=info)
+
+
+def no_nodes_message(settings: RolloutSettings, rollouts: Sequence[dict]) -> str:
+    """Why a diagnostic scored no node, and what to change."""
+    lens = [len(r.get("completion_ids", [])) for r in rollouts]
+    longest = max(lens, default=0)
+    if settings.node_selection == "positions":
+        return (
+            f"no node was scored: every position in positions={settings.positions} is beyond the completions "
+            f"(the longest has {longest} tokens); choose positions below that, or another node_selection"
+        )
+    return (
+        f"no node was scored: every completion is empty (the student emitted EOS first, {len(lens)} rollouts); "
+        "check the prompt format and the EOS token"
+    )
+
+
+def warn_no_nodes(settings: RolloutSettings, rollouts: Sequence[dict]) -> None:
+    warnings.warn(no_nodes_message(settings, rollouts) + "; the report's alignment statistics are undefined (NaN)",
+                  stacklevel=3)
 
 
 def _settings_dict(s: RolloutSettings) -> dict:

@@ -46,6 +46,9 @@ RECORD_COLUMNS = [
 # (enough, with ``inner``, for the rollout-level cosines of the oracle mask gain), and in parameter space
 # (``RolloutSettings(space="params")``) the logit-space alignment of the same node for comparison.
 EXTRA_RECORD_COLUMNS = ["g_norm", "d_norm", "alignment_logits"]
+# what AlignmentReport.load insists on (every statistic reads these)
+REQUIRED_RECORD_COLUMNS = ["prompt_index", "rollout_index", "position", "config", "alignment", "degenerate",
+                           "rollout_correct", "teacher_advantage", "inner"]
 ROLLOUT_COLUMNS = ["prompt_index", "rollout_index", "prompt", "completion", "completion_ids", "reward", "correct"]
 
 SUBSETS = ("all", "correct", "incorrect")
@@ -381,13 +384,36 @@ class AlignmentReport:
 
     # ------------------------------------------------------------------------------------------------ io
     def save(self, path: str | Path) -> Path:
-        """Write ``records.parquet``, ``rollouts.parquet``, ``summary.json`` and ``meta.json`` into directory ``path``."""
+        """Write ``records.parquet``, ``rollouts.parquet``, ``summary.json`` and ``meta.json`` into directory ``path``.
+
+        Atomic: everything is written into a temporary sibling directory first; a new ``path`` is that directory
+        renamed into place, an existing one gets the four files renamed into it (other files there are kept). A save
+        that fails leaves ``path`` exactly as it was."""
+        import os
+        import shutil
+        import tempfile
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.records.to_parquet(path / "records.parquet", index=False)
-        self.rollouts.to_parquet(path / "rollouts.parquet", index=False)
-        (path / "summary.json").write_text(json.dumps(self.summary_json(), indent=2))
-        (path / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"AlignmentReport.save: {path} exists and is not a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+        try:
+            self.records.to_parquet(tmp / "records.parquet", index=False)
+            self.rollouts.to_parquet(tmp / "rollouts.parquet", index=False)
+            (tmp / "summary.json").write_text(json.dumps(self.summary_json(), indent=2))
+            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
+            if not path.exists():
+                try:
+                    os.rename(tmp, path)
+                    return path
+                except OSError:  # created meanwhile: fall through to the per-file renames
+                    path.mkdir(parents=True, exist_ok=True)
+            for name in ("records.parquet", "rollouts.parquet", "summary.json", "meta.json"):
+                os.replace(tmp / name, path / name)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod
@@ -399,8 +425,21 @@ class AlignmentReport:
             rec = _lists(pd.read_parquet(path / "records.parquet"))
             rol = _lists(pd.read_parquet(path / "rollouts.parquet")) if (path / "rollouts.parquet").exists() else None
             meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+            missing = [c for c in REQUIRED_RECORD_COLUMNS if c not in rec.columns]
+            if missing:
+                raise ValueError(
+                    f"{path / 'records.parquet'} is not an opd-callback records file: it lacks the columns {missing} "
+                    f"(it has {sorted(map(str, rec.columns))[:12]}); give a directory written by AlignmentReport.save "
+                    "or opd-diagnose run"
+                )
+            if rol is not None and len(rol) and not {"prompt_index", "rollout_index"} <= set(rol.columns):
+                raise ValueError(f"{path / 'rollouts.parquet'} is not an opd-callback rollouts file (no prompt_index / "
+                                 "rollout_index columns)")
+            if not isinstance(meta, dict):
+                raise ValueError(f"{path / 'meta.json'} must hold a JSON object")
             return cls(rec, rol if rol is not None else [], meta)
-        subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "records.parquet").exists()) if path.is_dir() else []
+        subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")  # not a save in progress
+                      and (p / "records.parquet").exists()) if path.is_dir() else []
         if not subs:
             raise FileNotFoundError(f"no records.parquet in {path} or its sub-directories")
         return cls.concat([cls.load(p) for p in subs])

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-__all__ = ["RolloutBackend", "TransformersBackend", "eos_token_ids", "next_token_logits"]
+__all__ = ["RolloutBackend", "TransformersBackend", "eos_token_ids", "next_token_logits", "row_keys", "row_uniforms"]
 
 
 def eos_token_ids(model: torch.nn.Module | None, tokenizer=None) -> list[int]:
@@ -60,6 +60,49 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
             ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
             mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# per-row random streams: one splitmix64 stream per row of a sampling call, so a row's tokens do not depend on which
+# other rows share its batch (batch_size), on the order rows are processed, or on the path (prefix cache or not)
+
+_U64 = 1 << 64
+
+
+def _i64(c: int) -> int:
+    c %= _U64
+    return c - _U64 if c >= 1 << 63 else c
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+
+
+def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function on int64 tensors (wrapping multiplication)."""
+    x = (x ^ _lsr(x, 30)) * _MIX1
+    x = (x ^ _lsr(x, 27)) * _MIX2
+    return x ^ _lsr(x, 31)
+
+
+def row_keys(seed: int, n: int, device=None) -> torch.Tensor:
+    """Keys of rows ``0..n-1`` of one sampling call seeded ``seed``: int64 ``[n]``."""
+    idx = torch.arange(n, dtype=torch.long, device=device)
+    return _mix64(idx * _GOLDEN + _i64(seed))
+
+
+def row_uniforms(keys: torch.Tensor, steps: int) -> torch.Tensor:
+    """Uniform draws ``0..steps-1`` of each row's stream: float64 ``[len(keys), steps]`` in ``(0, 1]`` (53 random
+    bits each; draw ``s`` of a row is splitmix64's output ``s`` from seed ``key``)."""
+    offsets = torch.arange(1, steps + 1, dtype=torch.long, device=keys.device) * _GOLDEN
+    bits = _mix64(keys[:, None] + offsets[None, :])
+    return (_lsr(bits, 11) + 1).double() * (2.0**-53)
 
 
 @torch.no_grad()
@@ -141,6 +184,13 @@ class TransformersBackend(RolloutBackend):
 
     Ignores ``generation_config`` entirely (its ``top_k``/``top_p``/penalties would change the distribution the
     formulas assume). Rows that finished are dropped from the batch (their cache rows are compacted away).
+
+    Randomness: each call (:meth:`sample`, :meth:`sample_branches`) draws one seed from ``generator``; row ``i`` of the
+    call then samples its ``s``-th token by inverse CDF from uniform number ``s`` of its own stream
+    (:func:`row_uniforms`, splitmix64 keyed by the seed and ``i``). A row's tokens therefore do not depend on
+    ``batch_size``, on which rows share its batch, or on the prefix-cache path, only on the call's seed, its index and
+    its logits (``row_streams=False`` restores one shared ``torch.multinomial`` stream per call, which does depend on
+    them).
     """
 
     def __init__(
@@ -159,6 +209,7 @@ class TransformersBackend(RolloutBackend):
         self.batch_size = int(batch_size)
         self.preallocate = True  # branch caches in preallocated buffers (no per-step concatenation)
         self.shared_prefix = True  # branches attend to their base row's KV directly (no per-row prefix copy)
+        self.row_streams = True  # one random stream per row (batch-independent sampling)
 
     @property
     def device(self) -> torch.device:
@@ -167,26 +218,46 @@ class TransformersBackend(RolloutBackend):
     def logits(self, sequences, positions):
         return next_token_logits(self.model, sequences, positions, pad_id=self.pad_id, batch_size=self.batch_size)
 
-    def _draw(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, generator: torch.Generator, u: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row from ``softmax(logits / temperature)``: by inverse CDF at each row's uniform ``u``
+        (float64 ``[B, 1]`` in ``(0, 1]``), or with ``torch.multinomial`` on ``generator`` when ``u`` is None."""
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if probs.device != generator.device:
-            probs = probs.to(generator.device)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if u is None:
+            if probs.device != generator.device:
+                probs = probs.to(generator.device)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        cdf = probs.double().cumsum(-1)
+        # the first token whose CDF reaches u * total: u in (0, 1], so zero-probability tokens are never drawn
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+    def _call_keys(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Row keys of one sampling call of ``n`` rows (one seed drawn from ``generator``), or None without
+        per-row streams."""
+        if not self.row_streams:
+            return None
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        return row_keys(seed, n, self.device)
 
     @torch.no_grad()
     def sample(self, prefixes, max_new_tokens, generator):
         n = len(prefixes)
         if isinstance(max_new_tokens, int):
             max_new_tokens = [max_new_tokens] * n
+        if n == 0:
+            return []
+        return self._sample_keyed(prefixes, max_new_tokens, generator, self._call_keys(n, generator))
+
+    def _sample_keyed(self, prefixes, max_new_tokens, generator, keys) -> list[list[int]]:
+        n = len(prefixes)
         results: list[list[int]] = [[] for _ in range(n)]
         order = sorted(range(n), key=lambda k: len(prefixes[k]))
         for start in range(0, n, self.batch_size):
             chunk = [k for k in order[start : start + self.batch_size] if max_new_tokens[k] > 0]
             if chunk:
-                self._sample_batch(chunk, prefixes, max_new_tokens, generator, results)
+                self._sample_batch(chunk, prefixes, max_new_tokens, generator, results, keys)
         return results
 
-    def _sample_batch(self, chunk, prefixes, max_new_tokens, generator, results) -> None:
+    def _sample_batch(self, chunk, prefixes, max_new_tokens, generator, results, keys=None) -> None:
         device = self.device
         ids, mask = _left_pad([prefixes[k] for k in chunk], self.pad_id, device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -198,22 +269,25 @@ class TransformersBackend(RolloutBackend):
         if layers is not None:
             capacity = ids.shape[1] + max(max_new_tokens[k] for k in chunk)
             cache.layers = [_BufferedLayer(k, v, capacity) for k, v in layers]
-        self._decode(out.logits[:, -1], cache, mask, pos[:, -1] + 1, rows, limits, generator, results)
+        self._decode(out.logits[:, -1], cache, mask, pos[:, -1] + 1, rows, limits, generator, results, keys=keys)
 
     def _decode(
-        self, logits, cache, mask, next_pos, rows, limits, generator, results, shared: _SharedPrefix | None = None
+        self, logits, cache, mask, next_pos, rows, limits, generator, results, shared: _SharedPrefix | None = None,
+        keys: torch.Tensor | None = None,
     ) -> None:
         """Sample until every row has hit EOS or its limit. ``logits`` predict each row's next token.
 
         ``mask`` is the 2D attention mask of the cached tokens, or None with ``shared`` (a :class:`_SharedPrefix`,
-        passed to the model and compacted along with the cache)."""
+        passed to the model and compacted along with the cache). ``keys``: the call's row keys (indexed by ``rows``)."""
         device = self.device
         eos = torch.as_tensor(self.eos_ids or [-1], device=device)
         cache_kw = _cache_kwarg(self.model)
         shared_kw = {} if shared is None else {_SHARED_PREFIX: shared}
         step = 0
+        # every row's uniforms for the whole call at once (compacted with the rows); None: shared multinomial
+        uni = None if keys is None else row_uniforms(keys[rows], int(limits.max())).to(logits.device)
         while True:
-            tok = self._draw(logits, generator).to(device)
+            tok = self._draw(logits, generator, None if uni is None else uni[:, step : step + 1]).to(device)
             step += 1
             tok_list = tok.tolist()
             for r, t in zip(rows.tolist(), tok_list):
@@ -224,6 +298,8 @@ class TransformersBackend(RolloutBackend):
             if bool(done.any()):  # compact: finished rows stop costing compute
                 keep = (~done).nonzero().squeeze(-1)
                 rows, limits, tok, next_pos = rows[keep], limits[keep], tok[keep], next_pos[keep]
+                if uni is not None:
+                    uni = uni[keep.to(uni.device)]
                 _select_cache_rows(cache, keep)
                 if shared is not None:
                     shared.select(keep)
@@ -256,6 +332,7 @@ class TransformersBackend(RolloutBackend):
         """
         if not branches:
             return []
+        keys = self._call_keys(len(branches), generator)
         device = self.device
         ids, mask = _left_pad(bases, self.pad_id, device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -263,7 +340,7 @@ class TransformersBackend(RolloutBackend):
         layers = _kv_layers(_out_cache(out))
         if layers is None:
             prefixes = [list(bases[b][:L]) + [int(j)] for b, L, j, _ in branches]
-            return self.sample(prefixes, [int(m) for _, _, _, m in branches], generator)
+            return self._sample_keyed(prefixes, [int(m) for _, _, _, m in branches], generator, keys)
         width = ids.shape[1]
         lens = [len(b) for b in bases]
         results: list[list[int]] = [[] for _ in branches]
@@ -273,12 +350,12 @@ class TransformersBackend(RolloutBackend):
             order = sorted(range(len(branches)), key=lambda k: -branches[k][1])
         todo = [k for k in order if branches[k][3] > 0]
         for start in range(0, len(todo), self.batch_size):
-            args = (todo[start : start + self.batch_size], branches, layers, width, lens, generator, results)
+            args = (todo[start : start + self.batch_size], branches, layers, width, lens, generator, results, keys)
             if not (self.shared_prefix and self._shared_branch_batch(*args)):
                 self._branch_batch(*args)
         return results
 
-    def _shared_branch_batch(self, chunk, branches, layers, width, lens, generator, results) -> bool:
+    def _shared_branch_batch(self, chunk, branches, layers, width, lens, generator, results, keys=None) -> bool:
         """Sample a batch of branches with shared-prefix attention (:class:`_SharedPrefix`). Returns False, having
         sampled nothing, when the model cannot serve it: its first forward refused the state's keyword, made an
         attention call it does not cover, or did not call the attention function once per cache layer with it."""
@@ -312,10 +389,10 @@ class TransformersBackend(RolloutBackend):
             if shared.calls != len(layers):
                 return False
             logits, cache = out.logits[:, -1], _out_cache(out)
-            self._decode(logits, cache, None, positions + 1, rows, limits, generator, results, shared)
+            self._decode(logits, cache, None, positions + 1, rows, limits, generator, results, shared, keys=keys)
         return True
 
-    def _branch_batch(self, chunk, branches, layers, width, lens, generator, results) -> None:
+    def _branch_batch(self, chunk, branches, layers, width, lens, generator, results, keys=None) -> None:
         """Sample a batch of branches, each with its own copy of its prefix's keys/values (right-aligned, masked)."""
         from transformers import DynamicCache
 
@@ -353,7 +430,8 @@ class TransformersBackend(RolloutBackend):
             use_cache=True,
             **{_cache_kwarg(self.model): cache},
         )
-        self._decode(out.logits[:, -1], _out_cache(out), mask, positions + 1, rows, limits, generator, results)
+        self._decode(out.logits[:, -1], _out_cache(out), mask, positions + 1, rows, limits, generator, results,
+                     keys=keys)
 
     def _branch_inputs(self, chunk, branches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(forced tokens, their positions (= prefix lengths), result rows, max new tokens)`` of a batch of

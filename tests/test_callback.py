@@ -359,7 +359,7 @@ def _leet(run_dir: Path) -> list[dict]:
         [str(exe) if exe.exists() else "wandb", "leet", "inspect", "--json", str(run_dir)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,  # a hang guard only
     )
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

@@ -44,7 +44,7 @@ def test_two_processes_match_one_process(tmp_path):
     proc = subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=240)
+        stdout, stderr = proc.communicate(timeout=1800)  # a hang guard only: never a race with a loaded machine
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers: a hang must not outlive the test
         stdout, stderr = proc.communicate()

@@ -242,31 +242,46 @@ def test_demo_command_forwards_flags_and_builds_html(tmp_path, monkeypatch, full
 
 
 def test_real_sigint_with_python_m(lab, tmp_path):
-    """A real Ctrl-C (SIGINT) to ``python -m opd_callback run``: exit status 130 and a loadable partial report."""
+    """A real Ctrl-C (SIGINT) to ``python -m opd_callback run``: exit status 130 and a loadable partial report.
+
+    No race with the clock: the reward function blocks (until the signal) as soon as the first snapshot is on disk,
+    after saying so through a marker file; the test sends SIGINT only once the marker exists. The child gets SIGINT's
+    default disposition back (a shell that runs pytest in the background ignores SIGINT, and children inherit that)."""
     out = tmp_path / "sigint"
-    slow = tmp_path / "slow_rw.py"
-    slow.write_text(
+    ready = tmp_path / "ready"
+    gated = tmp_path / "gated_rw.py"
+    gated.write_text(
         "import time\n"
+        "from pathlib import Path\n"
+        f"OUT, READY = Path({str(out)!r}), Path({str(ready)!r})\n"
         "def reward(prompts, completions, answer, **kw):\n"
-        "    time.sleep(0.05)\n"
+        "    if (OUT / 'records.parquet').exists():  # the first prompt is saved: wait here for Ctrl-C\n"
+        "        READY.touch()\n"
+        "        for _ in range(60000):  # a hang guard only: the signal comes long before\n"
+        "            time.sleep(0.01)\n"
+        "        raise SystemExit(3)\n"
         "    return [float(a in c) for c, a in zip(completions, answer)]\n"
     )
     args = base_args(lab, out)
-    args[args.index("--reward") + 1] = f"{slow}:reward"
+    args[args.index("--reward") + 1] = f"{gated}:reward"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "opd_callback", *args, "--save-every", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 90
-    while time.time() < deadline and not (out / "records.parquet").exists() and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived (machine too fast for this check)")
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while not ready.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (status {proc.returncode}) before blocking: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr and "--resume" in stderr
     part = AlignmentReport.load(out)
     assert part.meta["interrupted"] is True
     done = set(part.rollouts["prompt_index"])
-    assert done and len(done) == part.meta["completed_prompts"] < 5
+    assert done == {0} and part.meta["completed_prompts"] == 1
     assert set(part.records["prompt_index"]) <= done

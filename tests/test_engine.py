@@ -237,16 +237,16 @@ def test_exact_degenerate_where_truth_is_flat():
 def test_first_token_distribution_matches_softmax_at_temperature():
     tok, student, _ = exact_lab()
     n = 8000
-    # positions=[5] with max_new_tokens=1: no nodes at all, only the base rollouts are sampled
-    rep = oc.diagnose(
-        student, tok, [{"prompt": "ab"}], reward_fn=reward_from(e_reward),
-        configs=[oc.TeacherConfig("self", oc.ContextTeacher("{prompt}"))],
-        settings=oc.RolloutSettings(num_rollouts=n, max_new_tokens=1, temperature=E_TAU, node_selection="positions",
-                                    positions=[5], batch_size=4096),
-        progress=False,
+    # the engine's own base-rollout path (prepared prompt, per-prompt generator, backend), without any node
+    eng = oc.AlignmentEngine(
+        student, tok, [oc.TeacherConfig("self", oc.ContextTeacher("{prompt}"))], reward_from(e_reward),
+        oc.RolloutSettings(num_rollouts=n, max_new_tokens=1, temperature=E_TAU, batch_size=4096),
     )
-    assert rep.records.empty and len(rep.rollouts) == n
-    first = np.array([int(c[0]) for c in rep.rollouts.completion_ids])
+    prep = eng.prepare([{"prompt": "ab"}])[0]
+    gen, _ = eng._generator(prep.index)
+    base = eng.backend.sample([prep.prompt_ids] * n, [1] * n, gen)
+    assert len(base) == n and all(len(c) == 1 for c in base)
+    first = np.array([int(c[0]) for c in base])
     counts = np.bincount(first, minlength=len(tok))
     z = plain_next_logits(student, tok("ab")["input_ids"])
 

@@ -35,7 +35,7 @@ def test_gsm8k_example_tiny_runs_offline(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,  # a hang guard only: never a race with a loaded machine
     )
     log = proc.stdout[-4000:] + "\n" + proc.stderr[-4000:]
     assert proc.returncode == 0, log

@@ -40,11 +40,11 @@ class _Recording(TransformersBackend):
         super().__init__(*a, **k)
         self.first_logits: dict[int, torch.Tensor] = {}
 
-    def _draw(self, logits, generator):
+    def _draw(self, logits, generator, *a, **k):
         if self._rows is not None:
             self.first_logits.update(zip(self._rows, logits.detach().clone()))
             self._rows = None
-        return super()._draw(logits, generator)
+        return super()._draw(logits, generator, *a, **k)
 
     def _decode(self, logits, cache, mask, next_pos, rows, *a, **k):
         self._rows = rows.tolist()

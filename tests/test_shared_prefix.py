@@ -46,9 +46,9 @@ class _Recording(TransformersBackend):
         self.batches.append((rows.tolist(), []))
         return super()._decode(logits, cache, mask, next_pos, rows, *a, **k)
 
-    def _draw(self, logits, generator):
+    def _draw(self, logits, generator, *a, **k):
         self.batches[-1][1].append(logits.detach().clone())
-        return super()._draw(logits, generator)
+        return super()._draw(logits, generator, *a, **k)
 
     def _branch_batch(self, *a, **k):
         self.gathered += 1
@@ -112,11 +112,11 @@ def test_attention_implementation_restored_also_after_an_error():
     seen = []
 
     class Failing(TransformersBackend):
-        def _draw(self, logits, generator):
+        def _draw(self, logits, generator, *a, **k):
             seen.append(model.config._attn_implementation)
             if len(seen) == 2:
                 raise RuntimeError("boom")
-            return super()._draw(logits, generator)
+            return super()._draw(logits, generator, *a, **k)
 
     be = Failing(model, eos_ids=[EOS], pad_id=EOS)
     with pytest.raises(RuntimeError, match="boom"):

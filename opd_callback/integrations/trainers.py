@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ContextTeacher, ExternalTeacher, TeacherConfig
+from ..config import ContextTeacher, ExternalTeacher, TeacherConfig, messages_to_prompt_row
 
 __all__ = [
     "TrainerSpec",
@@ -184,21 +184,6 @@ class RoutedModel(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"RoutedModel({self.label}, {type(self._inner).__name__})"
-
-
-def messages_to_prompt_row(row: dict) -> dict:
-    """A chat-``messages`` row (GKD / SFT format) -> a row with ``prompt``: the messages before the final assistant
-    turn(s). Rows that already have ``prompt`` are returned unchanged."""
-    if "prompt" in row or "messages" not in row:
-        return row
-    msgs = list(row["messages"])
-    while msgs and msgs[-1].get("role") == "assistant":
-        msgs.pop()
-    if not msgs:
-        raise ValueError("a 'messages' row has no non-assistant message to use as the prompt")
-    out = {k: v for k, v in row.items() if k != "messages"}
-    out["prompt"] = msgs
-    return out
 
 
 def _mro_names(obj: Any) -> list[tuple[str, str]]:
