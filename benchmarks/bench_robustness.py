@@ -257,10 +257,59 @@ def print_tables(results: dict) -> None:
     print(f"{'(strong/wrong/hard-wrong)':<28}" + "".join(f"{n:>12}" for n in trained))
 
 
+def markdown(results: dict) -> str:
+    """The README's tables: per lab (decision metric and early stopping), metrics compared, stopping rules compared."""
+    from opd_callback import stats
+
+    labs = [n for n in results["labs"] if "diagnose" in results["labs"][n]]
+    out = ["| lab (CPU threads) | student / strong / wrong / hard-wrong acc. | teacher_gain: strong | wrong | hard-wrong "
+           "| misleading | self+solution | early stop (strong / wrong / hard-wrong) |", "|" + "---|" * 8]
+    for n in labs:
+        e = results["labs"][n]
+        acc = e["accuracy"]
+        d = e["diagnose"]["entropy"]["full"]["teacher_gain"]
+
+        def cell(c):
+            v, (lo, hi) = d[c]["value"], d[c]["ci"]
+            star = "*" if c in d["separates"] and d["separates"][c] else ""
+            return f"{v:+.2f} [{lo:+.2f}, {hi:+.2f}]{star}"
+
+        tr = e.get("train", {})
+        stops = " / ".join(
+            "—" if tr.get(r, {}).get("rules", {}).get("default", {}).get("stopped_at") is None
+            else f"step {tr[r]['rules']['default']['stopped_at']}" for r in ("strong", "wrong", "hard-wrong"))
+        out.append(f"| {n} ({e['lab']['threads']}) | {acc['student']:.2f} / {acc['strong_teacher']:.2f} / "
+                   f"{acc['wrong_teacher']:.2f} / {acc['hard_wrong_teacher']:.2f} | {cell('strong-teacher')} | "
+                   f"{cell('wrong-teacher')} | {cell('hard-wrong-teacher')} | {cell('self+misleading')} | "
+                   f"{cell('self+solution')} | {stops} |")
+    out += ["", "| nodes | budget | " + " | ".join(stats.METRICS) + " |", "|---|---|" + "---|" * len(stats.METRICS)]
+    for selection in SELECTIONS:
+        for budget, label in (("full", "24 prompts"), ("half", "12 prompts"), ("third", "8 prompts")):
+            cells = []
+            for metric in stats.METRICS:
+                sep = below = above = 0
+                for n in labs:
+                    d = results["labs"][n]["diagnose"][selection][budget][metric]
+                    sep += sum(d["separates"].values())
+                    below += sum(d["bad_below_zero"].values())
+                    above += bool(d["strong_above_zero"])
+                cells.append(f"{sep}/{3 * len(labs)} · {below}/{3 * len(labs)} · {above}/{len(labs)}")
+            out.append(f"| {selection} | {label} | " + " | ".join(cells) + " |")
+    trained = [n for n in labs if results["labs"][n].get("train")]
+    out += ["", "| rule (replayed on every run's diagnostics) | stops strong | stops wrong | stops hard-wrong |",
+            "|---|---|---|---|"]
+    for rule in RULES:
+        c = {r: sum(results["labs"][n]["train"][r]["rules"].get(rule, {}).get("stopped_at") is not None
+                    for n in trained) for r in ("strong", "wrong", "hard-wrong")}
+        out.append(f"| `{rule}` | {c['strong']}/{len(trained)} | {c['wrong']}/{len(trained)} | "
+                   f"{c['hard-wrong']}/{len(trained)} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--labs", type=int, nargs="*", default=None, help="lab indices into LABS (default all)")
-    p.add_argument("--phase", choices=["all", "diagnose", "train", "print"], default="all")
+    p.add_argument("--phase", choices=["all", "diagnose", "train", "print", "markdown"], default="all")
     p.add_argument("--cache-dir", default=None, help="toy-lab cache (default $OPD_TOY_CACHE or ~/.cache/...)")
     p.add_argument("--work", default="runs/robustness", help="records of every run (not committed)")
     p.add_argument("--prompts", type=int, default=24)
@@ -273,6 +322,9 @@ def main(argv=None) -> int:
     results = json.loads(path.read_text()) if path.exists() else {}
     results.setdefault("labs", {})
     chosen = [LABS[i] for i in (args.labs if args.labs is not None else range(len(LABS)))]
+    if args.phase == "markdown":
+        print(markdown(results))
+        return 0
     for seed, threads in chosen if args.phase != "print" else []:
         name = lab_name(seed, threads)
         lab = load(seed, threads, args.cache_dir)

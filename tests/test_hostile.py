@@ -545,7 +545,7 @@ def test_all_degenerate_run_says_there_were_no_usable_nodes(tmp_path, cli_lab, c
     "kw, exc, match",
     [
         (dict(patience=True), TypeError, r"AlignmentEarlyStopping: patience must be an int, got True"),
-        (dict(threshold="0.5"), TypeError, r"AlignmentEarlyStopping: threshold must be a number, got '0.5'"),
+        (dict(threshold="0.5"), TypeError, r"AlignmentEarlyStopping: threshold must be a number or None, got '0.5'"),
         (dict(min_step=2.5), TypeError, r"AlignmentEarlyStopping: min_step must be an int, got 2.5"),
         (dict(warn_if_beaten="no"), TypeError, r"AlignmentEarlyStopping: warn_if_beaten must be a bool"),
         (dict(threshold=float("nan")), ValueError, r"AlignmentEarlyStopping: threshold must be a finite number"),
