@@ -469,7 +469,7 @@ class VLLMBackendProvider:
     """The callback's vLLM backend: built once, synced to the student's current weights before each diagnostic.
 
     With a TRL trainer that runs vLLM in colocate mode (``use_vllm=True, vllm_mode="colocate"``), the trainer's own
-    engine is used (``trainer.vllm_generation.llm``) after ``trainer.vllm_generation.sync_weights()``; no second
+    engine is used (``trainer.vllm_generation.llm``), loaded with the student's current weights first; no second
     engine is started. Otherwise (no vLLM in the trainer, or server mode: ``trl vllm-serve`` cannot take seeded
     token-id requests with ``n`` through TRL's client for every process) an engine of its own is started once on the
     student's config and loaded with the student's weights before each diagnostic.
@@ -498,9 +498,10 @@ class VLLMBackendProvider:
         """A backend over the current weights (weights pushed into the engine now)."""
         llm = self.trainer_engine()
         if llm is not None:
-            vg = self.trainer.vllm_generation
+            # our own sync, not vg.sync_weights(): TRL 1.16 calls model.load_weights directly, which fails on
+            # layers vLLM repacked after loading (every linear layer on CPU); reload_weights redoes that processing
             with preserved_rng():
-                vg.sync_weights()
+                load_weights_into(llm, model)
             self.source = "trainer"
             return VLLMBackend(llm, model, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature,
                                batch_size=batch_size)

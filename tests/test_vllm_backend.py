@@ -379,3 +379,123 @@ def test_cli_run_backend_vllm(qwen, tmp_path, monkeypatch):
     assert seen["options"].gpu_memory_utilization == 0.6 and seen["options"].dtype == "float32"
     rep = oc.AlignmentReport.load(out)
     assert len(rep.records) > 0 and rep.meta.get("backend") == "vllm"
+
+
+# ====================================================================================================================
+# the callback
+
+
+def _cb_trainer(out, tok, student, *, max_steps=3, **cfg):
+    from trl import DistillationTrainer
+
+    from _dist_worker import build_dataset, build_model, distillation_config
+
+    args = distillation_config(str(out), max_steps=max_steps, **cfg)
+    return DistillationTrainer(model=student, teacher_model=build_model(tok, 1, hidden=64), args=args,
+                               train_dataset=build_dataset(8), processing_class=tok)
+
+
+def _cb(tr, **kw):
+    from _dist_worker import accuracy_reward, tiny_settings
+
+    cb = oc.GradientAlignmentCallback(tr, reward_fn=accuracy_reward, every_n_steps=1, run_at_start=True,
+                                      settings=tiny_settings(), backend="vllm", on_error="raise", **kw)
+    tr.add_callback(cb)
+    return cb
+
+
+def _loss_rows(tr):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in tr.state.log_history if "loss" in r]
+
+
+def test_callback_with_its_own_engine(tmp_path):
+    """backend="vllm" on a trainer without vLLM: one engine started for the run (on the student's config, weights
+    pushed before each diagnostic); the training trajectory is bit-identical to a run without the callback; the
+    diagnostic at each step sees that step's weights."""
+    from _dist_worker import build_model, build_tokenizer
+
+    import opd_callback.rollout_vllm as rv
+
+    tok = build_tokenizer()
+    ref = _cb_trainer(tmp_path / "ref", tok, build_model(tok, 0, hidden=64))
+    ref.train()
+
+    started, synced = [], []
+    real_start, real_load = rv.start_vllm_engine, rv.load_weights_into
+
+    def start(*a, **k):
+        started.append(k.get("load_format"))
+        return real_start(*a, **k)
+
+    def load(llm, model):
+        synced.append([p.detach().clone() for p in model.parameters()][:1])
+        return real_load(llm, model)
+
+    rv.start_vllm_engine, rv.load_weights_into = start, load
+    try:
+        run = _cb_trainer(tmp_path / "run", tok, build_model(tok, 0, hidden=64))
+        cb = _cb(run, vllm_options=VLLMOptions(kv_cache_gib=0.25, max_model_len=64))
+        run.train()
+    finally:
+        rv.start_vllm_engine, rv.load_weights_into = real_start, real_load
+    assert _loss_rows(run) == _loss_rows(ref) and len(_loss_rows(ref)) == 3
+    for (name, p), (_, q) in zip(ref.model.named_parameters(), run.model.named_parameters()):
+        assert torch.equal(p, q), name
+    assert started == ["dummy"] and cb._rollouts.source == "own"
+    rows = [r for r in run.state.log_history if "opd/errors" in r]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(r["opd/errors"] == 0 and r["opd/nodes"] > 0 for r in rows)
+    # a sync before every diagnostic (plus the validation at train begin), each with the weights of its step
+    assert len(synced) == 5
+    assert not torch.equal(synced[1][0], synced[-1][0])
+    llm = cb._rollouts._own.llm
+    z = plain_next_logits(run.model.eval(), [3, 4])
+    be = cb._rollouts._own
+    n = 4000
+    out = be.sample([[3, 4]] * n, [1] * n, torch.Generator().manual_seed(0))
+    counts = np.bincount([o[0] for o in out], minlength=len(tok))
+    assert _chi2_counts(counts, torch.softmax(z / be.temperature, -1).numpy()) < len(tok) + 8 * math.sqrt(2 * len(tok))
+    del llm
+
+
+def test_callback_reuses_trl_colocated_engine(tmp_path, monkeypatch):
+    """trl.DistillationTrainer(use_vllm=True, vllm_mode="colocate"): the callback samples through the trainer's own
+    engine (no second engine), loaded with the current weights first, and the training trajectory is bit-identical
+    to the same vLLM-backed run without the callback.
+
+    TRL 1.16's own weight sync calls ``model.load_weights`` on vLLM's model, which fails on vLLM 0.32's CPU build (its
+    linear layers are repacked after loading and lose their weight loaders; vLLM's GPU layers keep them): the test
+    routes TRL's sync through :func:`load_weights_into` so that the trainer can train here at all."""
+    from _dist_worker import build_model, build_tokenizer
+
+    import opd_callback.rollout_vllm as rv
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; TRL's engine would size it from gpu_memory_utilization
+    tok = build_tokenizer()
+    path = tmp_path / "student"
+    build_model(tok, 0, hidden=64).save_pretrained(path)  # TRL starts vLLM from model.name_or_path
+    tok.save_pretrained(path)
+    from transformers import AutoModelForCausalLM
+
+    vllm_args = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=64)
+
+    def trainer(out):
+        tr = _cb_trainer(out, tok, AutoModelForCausalLM.from_pretrained(path), **vllm_args)
+        vg = tr.vllm_generation
+        vg.sync_weights = lambda: rv.load_weights_into(vg.llm, tr.model)  # see the docstring
+        return tr
+
+    ref = trainer(tmp_path / "ref")
+    ref.train()
+    ref_losses = _loss_rows(ref)
+    del ref
+
+    started = []
+    real_start = rv.start_vllm_engine
+    monkeypatch.setattr(rv, "start_vllm_engine", lambda *a, **k: started.append(1) or real_start(*a, **k))
+    run = trainer(tmp_path / "run")
+    cb = _cb(run)
+    run.train()
+    assert _loss_rows(run) == ref_losses and len(ref_losses) == 3
+    assert started == [] and cb._rollouts.source == "trainer"
+    rows = [r for r in run.state.log_history if "opd/errors" in r]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(r["opd/errors"] == 0 and r["opd/nodes"] > 0 for r in rows)
