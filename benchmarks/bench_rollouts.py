@@ -6,8 +6,13 @@
 * naive    — ``model.generate`` once per (node, candidate), full prefix re-encoded, ``num_return_sequences=n``.
 * ceiling  — plain batched ``model.generate`` of the same number of continuations from a 1-token prompt (no prefix).
 
-All three sample the same number of continuation tokens (EOS disabled so lengths are equal), measured side by side
-in one run. Usage: ``python benchmarks/bench_rollouts.py [--quick] [--device cuda --dtype bfloat16 --big]``.
+* vllm     — ``--backend vllm``: :class:`~opd_callback.rollout_vllm.VLLMBackend` on a vLLM engine started once per
+             model (prefix caching, one request with ``n`` per (node, candidate); prefix cache cleared before each
+             pass). Models whose head size vLLM's CPU attention refuses (the toy lab's) are skipped.
+
+All of them sample the same number of continuation tokens (EOS disabled so lengths are equal), measured side by side
+in one run. Usage: ``python benchmarks/bench_rollouts.py [--quick] [--device cuda --dtype bfloat16 --big]
+[--backend vllm]`` (vLLM: in an environment that has it, e.g. ``.venv-vllm/bin/python``).
 The headline ratio (engine / naive on the 20M model) is printed last.
 """
 
@@ -106,7 +111,8 @@ def run_ceiling(model, n_seq, max_new, batch_size, eos, device):
     return tokens, time.perf_counter() - t0
 
 
-def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats):
+def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats,
+          vllm=None):
     bases, branches = make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, 64)
     prefix_lens = [L for _, L, _, _ in branches]
     row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "continuations": len(branches),
@@ -115,7 +121,16 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
     # warm-up
     run_engine(model, bases, branches[: batch_size], batch_size, device)
     best = {"engine": 0.0, "naive": 0.0, "ceiling": 0.0}
+    runner = None
+    if vllm is not None:  # issue 9: the vLLM backend side by side (benchmarks/vllm_rollouts.py)
+        runner = vllm(model)
+        runner.run(bases, branches[:batch_size])  # warm-up
+        best["vllm"] = 0.0
+        row.update(vllm_startup_s=runner.startup_s, vllm_options=runner.options)
     for _ in range(repeats):  # interleaved, best of N (shared machines are noisy)
+        if runner is not None:
+            tok, dt = runner.run(bases, branches)
+            best["vllm"] = max(best["vllm"], tok / dt)
         tok, dt = run_engine(model, bases, branches, batch_size, device)
         best["engine"] = max(best["engine"], tok / dt)
         tok, dt = run_naive(model, bases, branches, eos, device)
@@ -125,6 +140,14 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
     row.update({f"{k}_tokens_per_s": v for k, v in best.items()})
     row["engine_over_naive"] = best["engine"] / best["naive"]
     row["engine_over_ceiling"] = best["engine"] / best["ceiling"]
+    for k in list(best):
+        row[f"{k}_continuations_per_s"] = best[k] / max_new
+    if runner is not None:
+        row["vllm_over_engine"] = best["vllm"] / best["engine"]
+        row["vllm_over_naive"] = best["vllm"] / best["naive"]
+        print(f"{name:<28} vllm   {best['vllm']:9.0f} tok/s | vllm/engine {row['vllm_over_engine']:5.2f}x | "
+              f"vllm/naive {row['vllm_over_naive']:5.2f}x (engine start {runner.startup_s:.0f} s)")
+        del runner
     print(
         f"{name:<28} engine {best['engine']:9.0f} tok/s | naive {best['naive']:9.0f} | ceiling {best['ceiling']:9.0f} | "
         f"engine/naive {row['engine_over_naive']:5.2f}x | engine/ceiling {row['engine_over_ceiling']:5.1%}"
@@ -139,11 +162,25 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--big", action="store_true", help="add a 0.5B-shaped random Qwen2 (GPU)")
     p.add_argument("--no-toy", action="store_true", help="skip the toy-lab models")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: also time the vLLM backend (the transformers engine and naive baseline still run)")
+    p.add_argument("--vllm-dtype", default=None, help="vLLM engine dtype (default: --dtype)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.4,
+                   help="vLLM engine's share of GPU memory (the transformers model shares the GPU)")
+    p.add_argument("--max-new", type=int, default=16, help="tokens per continuation (default 16)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved passes, best kept (default 3, --quick 1)")
+    p.add_argument("--out", default="rollouts", help="result name: benchmarks/results/<out>.json")
     args = p.parse_args(argv)
+    vllm = None
+    if args.backend == "vllm":
+        from vllm_rollouts import VLLMRunner
+
+        vdtype = args.vllm_dtype or args.dtype
+        vllm = lambda m: VLLMRunner(m, dtype=vdtype, gpu_memory_utilization=args.vllm_gpu_memory_utilization)  # noqa: E731
     dtype = getattr(torch, args.dtype)
     dev = args.device
-    repeats = 1 if args.quick else 3
-    work = dict(prompt_len=40, completion_len=64, n_rollouts=2, nodes=4, cands=6, n_per=8, max_new=16)
+    repeats = args.repeats or (1 if args.quick else 3)
+    work = dict(prompt_len=40, completion_len=64, n_rollouts=2, nodes=4, cands=6, n_per=8, max_new=args.max_new)
     rows = []
     if not args.no_toy:
         from opd_callback import toy
@@ -154,12 +191,13 @@ def main(argv=None):
             m = getattr(lab, nm).to(dev)
             rows.append(bench(f"toy-lab {nm}", m, m.config.vocab_size, eos, device=dev, batch_size=192, repeats=repeats, **work))
     m20 = random_qwen2(vocab_size=128, hidden=512, layers=6, heads=8, kv_heads=4, eos=0, dtype=dtype, device=dev)
-    rows.append(bench("random Qwen2 ~20M", m20, 128, 0, device=dev, batch_size=192, repeats=repeats, **work))
+    rows.append(bench("random Qwen2 ~20M", m20, 128, 0, device=dev, batch_size=192, repeats=repeats, vllm=vllm, **work))
     if args.big:
         big = random_qwen2(vocab_size=151936, hidden=896, layers=24, heads=14, kv_heads=2, eos=0, dtype=dtype, device=dev)
         w = dict(work, n_rollouts=4, nodes=8, completion_len=256, max_new=64)
-        rows.append(bench("random Qwen2 0.5B-shaped", big, 151936, 0, device=dev, batch_size=256, repeats=repeats, **w))
-    path = write_result("rollouts", {"device": dev, "dtype": args.dtype, "rows": rows})
+        rows.append(bench("random Qwen2 0.5B-shaped", big, 151936, 0, device=dev, batch_size=256, repeats=repeats,
+                          vllm=vllm, **w))
+    path = write_result(args.out, {"device": dev, "dtype": args.dtype, "backend": args.backend, "rows": rows})
     print(f"wrote {path}")
     head = rows[-1] if not args.big else rows[-2]
     print(f"HEADLINE engine/naive = {head['engine_over_naive']:.2f}x, engine/ceiling = {head['engine_over_ceiling']:.0%} ({head['model']})")
