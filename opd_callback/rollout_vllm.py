@@ -222,22 +222,46 @@ def _load_weights(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]
 def load_weights_into(llm: Any, model: torch.nn.Module) -> None:
     """Copy ``model``'s current weights into a ``vllm.LLM`` and drop its prefix cache (stale keys/values).
 
-    Uses the workers' ``reload_weights`` (vLLM >= 0.2x: in-place reload in checkpoint format, which also redoes the
-    post-load processing, e.g. the CPU kernels' weight repacking; calling ``model.load_weights`` directly, as TRL
-    1.16's colocate sync does, fails on such layers), else ``model.load_weights`` through ``apply_model``. With worker
-    processes the weights travel through vLLM's RPC (CPU copies)."""
+    Uses the workers' ``reload_weights`` (in-place reload in checkpoint format, which also redoes the post-load
+    processing, e.g. the CPU kernels' weight repacking; calling ``model.load_weights`` directly, as TRL 1.16's colocate
+    sync does, fails on such layers), else ``model.load_weights`` through ``apply_model`` (older vLLM). When the
+    engine's worker runs in this process the tensors are handed over directly; with worker processes (vLLM's default
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, or tensor parallelism) they are written once to a safetensors file (under
+    /dev/shm when it exists) that every worker reads: vLLM's RPC cannot carry tensors to its workers."""
     import functools
 
     in_process = _driver_model(llm) is not None
     with torch.no_grad():
         weights = list(named_weights(model))
-        if not in_process:
-            weights = [(n, t.cpu()) for n, t in weights]
+        if in_process:
+            kwargs: dict[str, Any] = {"weights_iterator": weights}
+        else:
+            kwargs = {"weights_path": _write_weights(llm, weights)}
         try:
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+            llm.collective_rpc("reload_weights", kwargs={**kwargs, "is_checkpoint_format": True})
         except AttributeError:  # an older worker without reload_weights
-            llm.apply_model(functools.partial(_load_weights, weights=weights))
+            llm.apply_model(functools.partial(_load_weights, weights=[(n, t.cpu()) for n, t in weights]))
     llm.reset_prefix_cache()
+
+
+def _write_weights(llm: Any, weights: list[tuple[str, torch.Tensor]]) -> str:
+    """Write ``weights`` to ``<dir>/model.safetensors`` in a directory kept for this engine; returns the directory."""
+    from safetensors.torch import save_file
+
+    d = getattr(llm, "_opd_weights_dir", None)
+    if d is None:
+        root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        d = tempfile.mkdtemp(prefix="opd-vllm-weights-", dir=root)
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, d, True)
+        try:
+            llm._opd_weights_dir = d
+        except AttributeError:  # pragma: no cover - an object that refuses attributes: a new directory each time
+            pass
+    save_file({n: t.detach().contiguous().cpu() for n, t in weights}, os.path.join(d, "model.safetensors"))
+    return d
 
 
 def _driver_model(llm: Any) -> torch.nn.Module | None:

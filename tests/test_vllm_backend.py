@@ -266,9 +266,15 @@ def test_groups_identical_prompts_into_requests(qwen):
 # weight sync
 
 
-def test_weight_sync_after_an_optimizer_step(qwen):
+@pytest.mark.parametrize("route", ["in process", "through a file"])
+def test_weight_sync_after_an_optimizer_step(qwen, route, monkeypatch):
     """After an optimizer step on the transformers model, sync_weights makes the engine sample from the new weights,
-    including for a prefix whose blocks were cached under the old weights (the prefix cache is reset)."""
+    including for a prefix whose blocks were cached under the old weights (the prefix cache is reset). "through a
+    file" is the route of engines whose workers run in other processes (vLLM's RPC cannot carry tensors there)."""
+    import opd_callback.rollout_vllm as rv
+
+    if route == "through a file":
+        monkeypatch.setattr(rv, "_driver_model", lambda llm: None)
     tok = qwen.tok
     student = copy.deepcopy(qwen.model)
     be = qwen.backend(student, tau=1.0)
