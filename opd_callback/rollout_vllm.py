@@ -167,8 +167,21 @@ def engine_kwargs(options: VLLMOptions) -> dict:
             gib = 1.0
         if gib is not None:
             kw["kv_cache_memory_bytes"] = int(float(gib) * (1 << 30))
+    if _distributed_world() > 1:
+        # several training processes (torchrun / accelerate): one engine per rank inside the existing process group,
+        # as TRL's colocate mode starts its engines (its own executor would try to create a world of one)
+        kw["distributed_executor_backend"] = "external_launcher"
     kw.update(options.extra)
     return kw
+
+
+def _distributed_world() -> int:
+    try:
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    except Exception:  # noqa: BLE001
+        return 1
 
 
 def start_vllm_engine(model_path: str | os.PathLike, options: VLLMOptions | None = None, *, load_format: str | None = None):
