@@ -176,7 +176,8 @@ def main(argv=None):
         from vllm_rollouts import VLLMRunner
 
         vdtype = args.vllm_dtype or args.dtype
-        vllm = lambda m: VLLMRunner(m, dtype=vdtype, gpu_memory_utilization=args.vllm_gpu_memory_utilization)  # noqa: E731
+        gmu = args.vllm_gpu_memory_utilization
+        vllm = lambda m: VLLMRunner(m, dtype=vdtype, gpu_memory_utilization=gmu)  # noqa: E731
     dtype = getattr(torch, args.dtype)
     dev = args.device
     repeats = args.repeats or (1 if args.quick else 3)

@@ -121,7 +121,9 @@ class VLLMOptions:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1):
-            raise ValueError(f"VLLMOptions: tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
+            raise ValueError(
+                f"VLLMOptions: tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}"
+            )
         if not 0 < float(self.gpu_memory_utilization) <= 1:
             raise ValueError(
                 f"VLLMOptions: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
@@ -184,7 +186,9 @@ def _distributed_world() -> int:
         return 1
 
 
-def start_vllm_engine(model_path: str | os.PathLike, options: VLLMOptions | None = None, *, load_format: str | None = None):
+def start_vllm_engine(
+    model_path: str | os.PathLike, options: VLLMOptions | None = None, *, load_format: str | None = None
+):
     """Start a ``vllm.LLM`` on a checkpoint directory (``load_format="dummy"``: on its config only, for weights
     pushed later with :meth:`VLLMBackend.sync_weights`). The global RNG states are left as they were."""
     _require_vllm()

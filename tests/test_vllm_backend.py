@@ -81,7 +81,8 @@ class Lab:
         self.path = str(root / family)
         self.model.save_pretrained(self.path)
         tok.save_pretrained(self.path)
-        self.llm = start_vllm_engine(self.path, VLLMOptions(dtype="float32", max_model_len=256))
+        opts = VLLMOptions(dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+        self.llm = start_vllm_engine(self.path, opts)
 
     def backend(self, model=None, tau: float = TAU) -> VLLMBackend:
         return VLLMBackend(self.llm, model or self.model, eos_ids=[self.tok.eos_token_id], pad_id=self.tok.pad_token_id,
