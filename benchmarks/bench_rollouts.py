@@ -6,8 +6,13 @@
 * naive    — ``model.generate`` once per (node, candidate), full prefix re-encoded, ``num_return_sequences=n``.
 * ceiling  — plain batched ``model.generate`` of the same number of continuations from a 1-token prompt (no prefix).
 
-All three sample the same number of continuation tokens (EOS disabled so lengths are equal), measured side by side
-in one run. Usage: ``python benchmarks/bench_rollouts.py [--quick] [--device cuda --dtype bfloat16 --big]``.
+* vllm     — ``--backend vllm``: :class:`~opd_callback.rollout_vllm.VLLMBackend` on a vLLM engine started once per
+             model (prefix caching, one request with ``n`` per (node, candidate); prefix cache cleared before each
+             pass). Models whose head size vLLM's CPU attention refuses (the toy lab's) are skipped.
+
+All of them sample the same number of continuation tokens (EOS disabled so lengths are equal), measured side by side
+in one run. Usage: ``python benchmarks/bench_rollouts.py [--quick] [--device cuda --dtype bfloat16 --big]
+[--backend vllm]`` (vLLM: in an environment that has it, e.g. ``.venv-vllm/bin/python``).
 The headline ratio (engine / naive on the 20M model) is printed last.
 
 ``--row-streams`` measures only the engine, with its per-row random streams (records independent of ``batch_size``
@@ -116,7 +121,7 @@ def run_ceiling(model, n_seq, max_new, batch_size, eos, device):
 
 
 def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats,
-          streams_only=False):
+          streams_only=False, vllm=None, skip_naive=False):
     bases, branches = make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, 64)
     prefix_lens = [L for _, L, _, _ in branches]
     row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "continuations": len(branches),
@@ -127,9 +132,20 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
     best = {"engine": 0.0, "multinomial": 0.0, "naive": 0.0, "ceiling": 0.0}
     ratios = []  # per repeat: CPU time with per-row streams / with the shared multinomial (CPU only)
     cpu = str(device) == "cpu"
+    runner = None
+    if vllm is not None:  # the vLLM backend side by side (benchmarks/vllm_rollouts.py)
+        runner = vllm(model)
+        runner.run(bases, branches[:batch_size])  # warm-up
+        best["vllm"] = 0.0
+        row.update(vllm_startup_s=runner.startup_s, vllm_options=runner.options)
     for rep in range(repeats):  # interleaved, best of N (shared machines are noisy)
+        if runner is not None:
+            tok, dt = runner.run(bases, branches)
+            best["vllm"] = max(best["vllm"], tok / dt)
         pair = {}
         for streams in ((True, False) if rep % 2 == 0 else (False, True)):  # alternate the order: no position bias
+            if not streams and not streams_only and runner is not None:
+                continue  # the vLLM comparison times the default engine only
             tok, dt = run_engine(model, bases, branches, batch_size, device, row_streams=streams)
             key = "engine" if streams else "multinomial"
             best[key] = max(best[key], tok / dt)
@@ -140,13 +156,14 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
             ratios.append(pair["engine"] / pair["multinomial"])
         if streams_only:
             continue
-        tok, dt = run_naive(model, bases, branches, eos, device)
-        best["naive"] = max(best["naive"], tok / dt)
+        if not skip_naive:
+            tok, dt = run_naive(model, bases, branches, eos, device)
+            best["naive"] = max(best["naive"], tok / dt)
         tok, dt = run_ceiling(model, len(branches), max_new, batch_size, eos, device)
         best["ceiling"] = max(best["ceiling"], tok / dt)
     row.update({f"{k}_tokens_per_s": v for k, v in best.items()})
     # per-row random streams (batch-independent records) vs one shared torch.multinomial stream
-    row["row_streams_cost"] = best["multinomial"] / best["engine"] - 1
+    row["row_streams_cost"] = best["multinomial"] / best["engine"] - 1 if best["multinomial"] else None
     if ratios:
         ratios.sort()
         row["row_streams_cpu_cost_median"] = ratios[len(ratios) // 2] - 1
@@ -157,12 +174,20 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
         print(f"{name:<28} per-row streams {best['engine']:9.0f} tok/s | shared multinomial {best['multinomial']:9.0f} "
               f"| wall, best of {repeats}: cost {row['row_streams_cost']:+.1%}{cpu_txt}")
         return row
-    row["engine_over_naive"] = best["engine"] / best["naive"]
+    row["engine_over_naive"] = best["engine"] / best["naive"] if best["naive"] else None
     row["engine_over_ceiling"] = best["engine"] / best["ceiling"]
+    for k in list(best):
+        row[f"{k}_continuations_per_s"] = best[k] / max_new
+    if runner is not None:
+        row["vllm_over_engine"] = best["vllm"] / best["engine"]
+        row["vllm_over_naive"] = best["vllm"] / best["naive"] if best["naive"] else float("nan")
+        print(f"{name:<28} vllm   {best['vllm']:9.0f} tok/s | vllm/engine {row['vllm_over_engine']:5.2f}x | "
+              f"vllm/naive {row['vllm_over_naive']:5.2f}x (engine start {runner.startup_s:.0f} s)")
+        del runner
     print(
         f"{name:<28} engine {best['engine']:9.0f} tok/s | naive {best['naive']:9.0f} | ceiling {best['ceiling']:9.0f} | "
-        f"engine/naive {row['engine_over_naive']:5.2f}x | engine/ceiling {row['engine_over_ceiling']:5.1%} | "
-        f"per-row streams cost {row['row_streams_cost']:+.1%}"
+        f"engine/naive {row['engine_over_naive'] or float('nan'):5.2f}x | engine/ceiling {row['engine_over_ceiling']:5.1%} | "
+        f"per-row streams cost {row['row_streams_cost'] if row['row_streams_cost'] is not None else float('nan'):+.1%}"
     )
     return row
 
@@ -176,11 +201,27 @@ def main(argv=None):
     p.add_argument("--no-toy", action="store_true", help="skip the toy-lab models")
     p.add_argument("--row-streams", action="store_true",
                    help="only the engine, with per-row random streams vs one shared multinomial stream (best of 5)")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: also time the vLLM backend (the transformers engine and naive baseline still run)")
+    p.add_argument("--vllm-dtype", default=None, help="vLLM engine dtype (default: --dtype)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.4,
+                   help="vLLM engine's share of GPU memory (the transformers model shares the GPU)")
+    p.add_argument("--max-new", type=int, default=16, help="tokens per continuation (default 16)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved passes, best kept (default 3, --quick 1)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive baseline (long continuations)")
+    p.add_argument("--out", default="rollouts", help="result name: benchmarks/results/<out>.json")
     args = p.parse_args(argv)
+    vllm = None
+    if args.backend == "vllm":
+        from vllm_rollouts import VLLMRunner
+
+        vdtype = args.vllm_dtype or args.dtype
+        gmu = args.vllm_gpu_memory_utilization
+        vllm = lambda m: VLLMRunner(m, dtype=vdtype, gpu_memory_utilization=gmu)  # noqa: E731
     dtype = getattr(torch, args.dtype)
     dev = args.device
-    repeats = 1 if args.quick else (7 if args.row_streams else 3)
-    work = dict(prompt_len=40, completion_len=64, n_rollouts=2, nodes=4, cands=6, n_per=8, max_new=16)
+    repeats = args.repeats or (1 if args.quick else (7 if args.row_streams else 3))
+    work = dict(prompt_len=40, completion_len=64, n_rollouts=2, nodes=4, cands=6, n_per=8, max_new=args.max_new)
     rows = []
     if not args.no_toy:
         from opd_callback import toy
@@ -193,11 +234,12 @@ def main(argv=None):
                               streams_only=args.row_streams, **work))
     m20 = random_qwen2(vocab_size=128, hidden=512, layers=6, heads=8, kv_heads=4, eos=0, dtype=dtype, device=dev)
     rows.append(bench("random Qwen2 ~20M", m20, 128, 0, device=dev, batch_size=192, repeats=repeats,
-                              streams_only=args.row_streams, **work))
+                      streams_only=args.row_streams, vllm=vllm, skip_naive=args.no_naive, **work))
     if args.big:
         big = random_qwen2(vocab_size=151936, hidden=896, layers=24, heads=14, kv_heads=2, eos=0, dtype=dtype, device=dev)
         w = dict(work, n_rollouts=4, nodes=8, completion_len=256, max_new=64)
-        rows.append(bench("random Qwen2 0.5B-shaped", big, 151936, 0, device=dev, batch_size=256, repeats=repeats, **w))
+        rows.append(bench("random Qwen2 0.5B-shaped", big, 151936, 0, device=dev, batch_size=256, repeats=repeats,
+                          vllm=vllm, **w))
     if args.row_streams:
         path = write_result("rollouts_row_streams", {"device": dev, "dtype": args.dtype, "rows": rows})
         key = "row_streams_cpu_cost_median" if "row_streams_cpu_cost_median" in rows[0] else "row_streams_cost"
@@ -205,10 +247,10 @@ def main(argv=None):
         what = "process CPU time, median of paired runs" if key != "row_streams_cost" else f"wall, best of {repeats}"
         print(f"wrote {path}\nHEADLINE cost of per-row random streams: at most {worst:+.1%} ({what})")
         return
-    path = write_result("rollouts", {"device": dev, "dtype": args.dtype, "rows": rows})
+    path = write_result(args.out, {"device": dev, "dtype": args.dtype, "backend": args.backend, "rows": rows})
     print(f"wrote {path}")
     head = rows[-1] if not args.big else rows[-2]
-    print(f"HEADLINE engine/naive = {head['engine_over_naive']:.2f}x, engine/ceiling = {head['engine_over_ceiling']:.0%} ({head['model']})")
+    print(f"HEADLINE engine/naive = {head['engine_over_naive'] or float('nan'):.2f}x, engine/ceiling = {head['engine_over_ceiling']:.0%} ({head['model']})")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .divergences import (
 from .engine import AlignmentEngine, RewardFunctionError, diagnose
 from .report import AlignmentReport
 from .rollout import RolloutBackend, TransformersBackend
+from .rollout_vllm import VLLMBackend, VLLMOptions  # vllm itself is imported only when an engine starts
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "RolloutSettings",
     "TeacherConfig",
     "TransformersBackend",
+    "VLLMBackend",
+    "VLLMOptions",
     "available_divergences",
     "cosine",
     "diagnose",

@@ -512,6 +512,11 @@ class GradientAlignmentCallback(TrainerCallback):
         probe_size: size of the default probe sample.
         heatmap_config: configuration colouring the heatmap (default ``current``, else the first).
         save_records: write per-token records (parquet) of every diagnostic on the main process.
+        backend: the student's rollout engine: ``None``/``"transformers"`` (default) or ``"vllm"``: the trainer's own
+            vLLM engine when TRL runs one in colocate mode (synced to the current weights first), else one engine
+            started once and loaded with the student's current weights before each diagnostic (docs/backends.md).
+        vllm_options: ``backend="vllm"``: :class:`~opd_callback.rollout_vllm.VLLMOptions` (or a dict of its fields) of
+            the engine the callback starts.
     """
 
     def __init__(
@@ -534,6 +539,8 @@ class GradientAlignmentCallback(TrainerCallback):
         save_records: bool = True,
         max_overhead: float = 0.1,
         first_step: int = 50,
+        backend: Any = None,
+        vllm_options: Any = None,
     ) -> None:
         if trainer is None or not hasattr(trainer, "callback_handler"):
             raise TypeError(
@@ -655,6 +662,15 @@ class GradientAlignmentCallback(TrainerCallback):
             if early_stopping not in trainer.callback_handler.callbacks:
                 trainer.add_callback(early_stopping)  # so that its counters are saved in checkpoints
 
+        # issue 9: backend="vllm" (opd_callback/rollout_vllm.py)
+        self._rollouts = None
+        if backend not in (None, "transformers"):
+            if backend != "vllm":
+                raise ValueError(f"backend must be None, 'transformers' or 'vllm', got {backend!r}")
+            from .rollout_vllm import VLLMBackendProvider
+
+            self._rollouts = VLLMBackendProvider(trainer, vllm_options)
+
         self.errors = 0
         self.history: list[dict] = []  # {"step", "metrics"} per successful diagnostic (main process)
         self.last_report: AlignmentReport | None = None
@@ -727,7 +743,13 @@ class GradientAlignmentCallback(TrainerCallback):
 
     def build_engine(self) -> AlignmentEngine:
         """An engine over the unwrapped student and the current configurations."""
-        return AlignmentEngine(self.student(), self.tokenizer(), self.current_configs(), self.reward_fn, self.settings)
+        engine = AlignmentEngine(self.student(), self.tokenizer(), self.current_configs(), self.reward_fn, self.settings)
+        if self._rollouts is not None:  # vLLM: synced to the current weights now
+            engine.backend = self._rollouts.backend(
+                engine.student, eos_ids=engine.eos_ids, pad_id=engine.pad_id, temperature=self.settings.temperature,
+                batch_size=self.settings.batch_size,
+            )
+        return engine
 
     def _check_distributed(self) -> None:
         t = self.trainer

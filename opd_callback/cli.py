@@ -31,7 +31,7 @@ __all__ = ["main", "build_parser", "parse_divergence", "load_examples", "load_re
 
 PROG = "opd-diagnose"
 RUN_KEYS = ("student", "tokenizer", "data", "split", "limit", "reward", "out", "device", "dtype", "save_every",
-            "max_questions", "trust_remote_code")
+            "max_questions", "trust_remote_code", "backend")
 _RUN_KEY_TYPES = {"limit": int, "save_every": int, "max_questions": int, "trust_remote_code": bool}
 
 
@@ -154,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="model weights dtype (default: float32 on CPU, auto on GPU)")
     r.add_argument("--trust-remote-code", action="store_true", default=None, help="passed to from_pretrained")
+    # issue 9: the vLLM rollout backend (opd_callback/rollout_vllm.py, docs/backends.md)
+    r.add_argument("--backend", default=None, choices=["transformers", "vllm"],
+                   help="engine that samples the student's rollouts (default transformers; vllm needs vLLM installed; "
+                   "--dtype also sets its dtype)")
+    r.add_argument("--vllm-tensor-parallel-size", type=int, default=None, metavar="N", help="vllm: GPUs per engine")
+    r.add_argument("--vllm-gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="vllm: fraction of GPU memory the engine may use (default 0.9)")
+    r.add_argument("--vllm-max-model-len", type=int, default=None, metavar="N",
+                   help="vllm: context length, prompt + completion (default: the model's)")
+    r.add_argument("--vllm-max-num-seqs", type=int, default=None, metavar="N",
+                   help="vllm: sequences decoded concurrently (default: vLLM's)")
     r.add_argument("--resume", action="store_true", help="skip prompts already scored in --out (same settings)")
     r.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="save the report every N prompts (default 10; 0: only at the end or on Ctrl-C)")
@@ -745,7 +756,15 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
                 select_parameters(student, settings.param_filter)
             prepared = engine.prepare(examples)
-        except (ValueError, TypeError) as exc:
+            if run["backend"] == "vllm":
+                from .rollout_vllm import make_backend
+
+                vopts = {k: getattr(args, "vllm_" + k) for k in ("tensor_parallel_size", "gpu_memory_utilization",
+                         "max_model_len", "max_num_seqs") if getattr(args, "vllm_" + k, None) is not None}
+                engine.backend = make_backend("vllm", student, eos_ids=engine.eos_ids, pad_id=engine.pad_id,
+                                              temperature=settings.temperature, batch_size=settings.batch_size,
+                                              model_path=run["student"], options=vopts)
+        except (ValueError, TypeError, ImportError) as exc:
             raise CliError(str(exc)) from None
     except CliError as exc:
         if _DEBUG:
@@ -772,6 +791,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "data": str(run["data"]),
         "reward": str(run["reward"]),
         "device": str(device),
+        "backend": run["backend"] or "transformers",
         "command": " ".join([PROG] + list(getattr(args, "_argv", []) or [])),
         "total_prompts": len(prepared),
     }

@@ -837,8 +837,9 @@ def diagnose(
     reward_fn: RewardFn,
     configs: Sequence[TeacherConfig],
     settings: RolloutSettings | None = None,
-    backend: RolloutBackend | None = None,
+    backend: RolloutBackend | str | None = None,
     progress: bool = True,
+    vllm_options: Any = None,
 ) -> AlignmentReport:
     """Run the gradient-alignment diagnostic on a student, training-free.
 
@@ -854,8 +855,12 @@ def diagnose(
         reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float]`` (TRL signature); rewards in [0, 1].
         configs: the teacher configurations to score side by side.
         settings: :class:`RolloutSettings`.
-        backend: a custom rollout engine for the student.
+        backend: the student's rollout engine: ``"transformers"`` (default), ``"vllm"`` (starts a vLLM engine on the
+            student's checkpoint directory, or on its config with its current weights pushed; docs/backends.md), or a
+            :class:`RolloutBackend`.
         progress: show a tqdm bar over prompts.
+        vllm_options: ``backend="vllm"``: a :class:`~opd_callback.rollout_vllm.VLLMOptions` or a dict of its fields
+            (``tensor_parallel_size``, ``gpu_memory_utilization``, ``dtype``, ``max_model_len``, ...).
 
     Returns:
         :class:`AlignmentReport` with ``records`` (one row per node and configuration), ``rollouts`` and
@@ -867,5 +872,14 @@ def diagnose(
         RewardFunctionError: ``reward_fn`` raised or returned the wrong length / NaN (checked on the first base
             rollouts, before any targeted rollout).
     """
-    engine = AlignmentEngine(student, tokenizer, configs, reward_fn, settings, backend)
+    named = backend if isinstance(backend, str) else None
+    engine = AlignmentEngine(student, tokenizer, configs, reward_fn, settings, None if named else backend)
+    if named is not None:  # issue 9: "transformers" / "vllm" (opd_callback/rollout_vllm.py)
+        from .rollout_vllm import make_backend
+
+        st = engine.settings
+        engine.backend = make_backend(
+            named, student, eos_ids=engine.eos_ids, pad_id=engine.pad_id, temperature=st.temperature,
+            batch_size=st.batch_size, options=vllm_options,
+        ) or engine.backend
     return engine.run(examples, progress=progress)
