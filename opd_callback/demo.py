@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch intra-op threads (default 1: the toy models are tiny, and more threads oversubscribe a "
                         "shared CPU; one thread was 23x faster than two under load)")
     args = p.parse_args(argv)
+    import warnings
+
     import torch
+
+    # transformers' deprecation notices (e.g. gradient_checkpointing -> activation_checkpointing) are not the demo's
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)

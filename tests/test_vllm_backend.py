@@ -186,8 +186,9 @@ def test_candidate_success_matches_enumeration(lab, exact_reports):
 
 def test_base_rollouts_follow_the_student(lab, exact_reports):
     """Base rollouts (sampled by vLLM): their success rate agrees with the exact root value V(prompt)."""
-    rep = _diagnose(lab.model, lab.tok, lab.backend(), 1, num_rollouts=600, node_selection="positions", positions=[99])
-    assert rep.records.empty
+    # nodes only at the last position: their candidates end the completion there (scored exactly, no continuation)
+    rep = _diagnose(lab.model, lab.tok, lab.backend(), 1, num_rollouts=600, node_selection="positions", positions=[T - 1])
+    assert (rep.records["position"] == T - 1).all()
     tok = lab.tok
     for i, p in enumerate(PROMPTS):
         v = ExactTree(lab.model, tok, tok(p)["input_ids"], e_reward, T, TAU).S([])
