@@ -190,7 +190,7 @@ def train_lab(lab, out: Path, seed: int, lr: float) -> dict:
     for name, run in runs.items():
         diags = load_diagnostics(Path(run["records_dir"]))
         result[name] = {
-            "success_rate": [[h["step"], h.get("success_rate")] for h in run.get("diagnostics", [])],
+            "success_rate": [[step, _num(rep.success_rate)] for step, _, rep in diags],
             "seconds": run.get("seconds"),
             "rules": {rule: replay(diags, kw) for rule, kw in RULES.items()},
         }
@@ -208,7 +208,7 @@ def print_tables(results: dict) -> None:
             d = results["labs"][name].get("diagnose", {}).get(selection, {}).get("full", {}).get(metric)
             if not d:
                 continue
-            configs = configs or [c for c in d if c not in ("separates", "ranking")]
+            configs = configs or [c for c in d if c not in ("separates", "ranking", "bad_below_zero", "strong_above_zero")]
             if name == labs[0]:
                 print(f"{'lab':<16}" + "".join(f"{c[:18]:>20}" for c in configs))
             cells = []
