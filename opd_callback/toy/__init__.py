@@ -2,7 +2,9 @@
 
 A verifiable 3-digit addition task with a digit-by-digit chain of thought, a character
 tokenizer with a ChatML-like chat template, and tiny Qwen2 models (weak student, strong
-teacher, wrong-rule teacher) trained in about a minute on CPU and cached on disk.
+teacher, wrong-rule teacher, and a hard wrong teacher: the strong teacher fine-tuned on the
+wrong rule). The lab of seed 0 is shipped with the package (identical on every machine);
+other seeds train in a few minutes on CPU and are cached on disk.
 
 >>> from opd_callback.toy import build_lab, solve
 >>> solve(367, 485)
