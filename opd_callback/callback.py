@@ -125,7 +125,8 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
         config: the configuration watched (default ``"current"``, the trainer's own).
         min_step: diagnostics before this global step are not counted.
         warn_if_beaten: log a warning when another configuration is significantly better than ``config`` by the
-            paired CI of ``metric`` (with at least ``min_questions`` questions behind it).
+            paired CI of ``metric`` (with at least ``min_questions`` questions behind it); the first time per
+            configuration at WARNING level, repeats at INFO.
         relative: use the relative rule (needs alternatives in the callback's ``configs``).
         margin: the relative rule's margin, in units of ``metric``.
         min_questions: the least number of questions with a non-degenerate node for a diagnostic (or a "beats"
@@ -329,14 +330,15 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
     def beaten_by(self, summary: Sequence[dict], report: AlignmentReport | None = None) -> list[str]:
         """Warnings for configurations significantly better than ``config`` (paired CI of ``metric`` above 0, at
         least ``min_questions`` questions behind both); each says how much evidence it rests on."""
-        out = []
-        for b in self.better_alternatives(report, margin=0.0):
-            out.append(
-                f"configuration {b['config']!r} beats {self.config!r} on {self.metric}: paired difference "
-                f"{b['diff']:+.3f}, CI [{b['diff_ci_low']:+.3f}, {b['diff_ci_high']:+.3f}] over {b['n_questions']} "
-                f"questions ({b['n_nodes']} nodes)"
-            )
-        return out
+        return [self.beaten_message(b) for b in self.better_alternatives(report, margin=0.0)]
+
+    def beaten_message(self, b: dict) -> str:
+        """The "beats" warning for one entry of :meth:`better_alternatives`."""
+        return (
+            f"configuration {b['config']!r} beats {self.config!r} on {self.metric}: paired difference "
+            f"{b['diff']:+.3f}, CI [{b['diff_ci_low']:+.3f}, {b['diff_ci_high']:+.3f}] over {b['n_questions']} "
+            f"questions ({b['n_nodes']} nodes)"
+        )
 
     def __repr__(self) -> str:
         return (
@@ -676,6 +678,7 @@ class GradientAlignmentCallback(TrainerCallback):
         self.last_report: AlignmentReport | None = None
         self._last_step: int | None = None
         self._diagnostics_run = 0  # attempted in this process's run (failed ones included)
+        self._beaten_warned: set[str] = set()  # configurations already reported (at WARNING) as beating the watched one
         self._panels = None
         self._validated = False
 
@@ -1099,8 +1102,11 @@ class GradientAlignmentCallback(TrainerCallback):
             level = logging.WARNING if decision["stop"] else logging.INFO
             logger.log(level, decision["message"])
             if es.warn_if_beaten:
-                for msg in es.beaten_by(summary, report):
-                    logger.warning("GradientAlignmentCallback at step %d: %s", step, msg)
+                for b in es.better_alternatives(report, margin=0.0):
+                    # a WARNING the first time a configuration beats the watched one; INFO when it repeats
+                    level = logging.INFO if b["config"] in self._beaten_warned else logging.WARNING
+                    self._beaten_warned.add(b["config"])
+                    logger.log(level, "GradientAlignmentCallback at step %d: %s", step, es.beaten_message(b))
             stop = bool(decision["stop"])
             stopper_state = dict(es.state()["attributes"])
             metrics["opd/early_stopping/bad_count"] = float(es.bad_count)

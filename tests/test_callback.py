@@ -347,6 +347,9 @@ def test_early_stopping_with_a_wrong_teacher(tmp_path, caplog):
     assert all(r["opd/current/alignment"] < 0 < r["opd/good/alignment"] for r in rows)
     assert all(r["opd/current/teacher_advantage"] < 0 for r in rows)
     assert "stayed below 0" in caplog.text and "'good' beats 'current'" in caplog.text
+    # the "beats" warning is a WARNING once per configuration; at later diagnostics it repeats at INFO
+    beats = [r.levelno for r in caplog.records if "'good' beats 'current'" in r.getMessage()]
+    assert beats[0] == logging.WARNING and all(lv == logging.INFO for lv in beats[1:]) and len(beats) >= 2
 
 
 # --------------------------------------------------------------------------------------------------------------------
