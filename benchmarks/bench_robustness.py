@@ -73,7 +73,7 @@ def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
         report.save(rec)
     result = {"success_rate": report.success_rate, "nodes": report.n_nodes,
               "continuations": report.meta.get("continuations"), "seconds": report.meta.get("wall_seconds")}
-    for label, rep in (("full", report), ("half", _half(report, n_prompts // 2)), ("third", _half(report, n_prompts // 3))):
+    for label, rep in (("full", report), ("half", _first_questions(report, n_prompts // 2)), ("third", _first_questions(report, n_prompts // 3))):
         table = stats.metric_table(rep)
         table = table[table["subset"] == "all"]
         per = {}
@@ -108,7 +108,8 @@ def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
     return result
 
 
-def _half(report, n: int):
+def _first_questions(report, n: int):
+    """The report restricted to its first ``n`` questions (a smaller probe budget, same nodes)."""
     import opd_callback as oc
 
     keep = sorted(report.records["prompt_index"].unique())[:n]

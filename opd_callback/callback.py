@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 import traceback
 from pathlib import Path
@@ -45,6 +44,7 @@ from .config import RolloutSettings, TeacherConfig, check_value
 from .engine import AlignmentEngine
 from .integrations.trainers import CURRENT, TrainerSpec, describe_trainer, unwrap
 from .report import AlignmentReport
+from .rollout import preserved_rng
 
 __all__ = [
     "GradientAlignmentCallback",
@@ -242,11 +242,13 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
         n = row.get("n_questions_valid")
         return None if n is None else int(n)
 
-    def better_alternatives(self, report: AlignmentReport | None, margin: float | None = None) -> list[dict]:
+    def better_alternatives(self, report: AlignmentReport | None, margin: float | None = None,
+                            summary: Sequence[dict] | None = None) -> list[dict]:
         """Configurations whose ``metric`` beats ``config``'s by more than ``margin`` (default ``self.margin``) with
         the paired question-bootstrap CI of the difference entirely above it, and at least ``min_questions``
         questions behind both. Each: ``{"config", "diff", "diff_ci_low", "diff_ci_high", "n_questions",
-        "n_nodes"}``. Empty for metrics without a paired comparison."""
+        "n_nodes"}``. Empty for metrics without a paired comparison. ``summary``: the report's
+        :meth:`~AlignmentReport.config_summary` when the caller has it already."""
         pm_name = _PAIRED_METRIC.get(self.metric)
         if report is None or pm_name is None or report.records.empty or self.config not in report.configs:
             return []
@@ -254,7 +256,7 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
 
         margin = self.margin if margin is None else margin
         diffs = stats.metric_differences(report, pm_name, reference=self.config)
-        summary = report.config_summary()
+        summary = report.config_summary() if summary is None else summary
         mine = self._evidence(summary, self.config) or 0
         out = []
         for _, r in diffs.iterrows():
@@ -272,14 +274,17 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
 
     def update(self, step: int, summary: Sequence[dict], report: AlignmentReport | None = None) -> dict:
         """Count one diagnostic (``report`` enables the relative rule); returns ``{"status", "value", "stop",
-        "message", "beaten_by"}``."""
+        "message", "beaten_by", "wins"}`` (``wins``: :meth:`better_alternatives` at margin 0, for the warnings)."""
         value = self.metric_value(summary)
         key = f"opd/{self.config}/{self.metric}"
         self.diagnostics += 1
         self.last_step = int(step)
         stop = False
         evidence = self._evidence(summary, self.config)
-        better = self.better_alternatives(report) if self.relative else []
+        # every significant win over the watched configuration (for the "beats" warnings); the relative rule keeps
+        # those above the margin
+        wins = self.better_alternatives(report, 0.0, summary) if self.relative or self.warn_if_beaten else []
+        better = [w for w in wins if w["diff_ci_low"] > self.margin] if self.relative else []
         below = value is not None and self.threshold is not None and value < self.threshold
         if step < self.min_step:
             status = "before_min_step"
@@ -325,7 +330,7 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
             )
             message = "AlignmentEarlyStopping: " + self.reason
         return {"status": status, "value": value, "stop": stop, "message": message,
-                "beaten_by": [b["config"] for b in better]}
+                "beaten_by": [b["config"] for b in better], "wins": wins}
 
     def beaten_by(self, summary: Sequence[dict], report: AlignmentReport | None = None) -> list[str]:
         """Warnings for configurations significantly better than ``config`` (paired CI of ``metric`` above 0, at
@@ -378,12 +383,6 @@ def preserved_training_state(
     ``truncation_side``; gradient checkpointing; ``config.use_cache``; the grad mode; and every parameter's ``.grad``
     (the same tensor object is put back if it was replaced; an in-place change is reported as an error, since the
     engine only uses ``torch.no_grad`` sampling and ``torch.autograd.grad``)."""
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_rng = torch.cuda.get_rng_state_all()
-    np_rng = np.random.get_state()
-    py_rng = random.getstate()
     grad_mode = torch.is_grad_enabled()
     modes: list[tuple[torch.nn.Module, bool]] = []
     seen: set[int] = set()
@@ -401,13 +400,9 @@ def preserved_training_state(
     cfg = getattr(model, "config", None)
     use_cache = getattr(cfg, "use_cache", None) if cfg is not None else None
     try:
-        yield
+        with preserved_rng():
+            yield
     finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        np.random.set_state(np_rng)
-        random.setstate(py_rng)
         torch.set_grad_enabled(grad_mode)
         for sub, was in modes:
             if sub.training != was:
@@ -1057,8 +1052,10 @@ class GradientAlignmentCallback(TrainerCallback):
         meta.update({"step": step, "trainer": self.spec.trainer_name, "current": self.spec.description or None})
         return AlignmentReport(records, rollouts, meta)
 
-    def scalars(self, report: AlignmentReport, seconds: float) -> dict[str, float]:
-        """The ``opd/...`` scalars of one diagnostic (undefined values are left out)."""
+    def scalars(self, report: AlignmentReport, seconds: float,
+                summary: Sequence[dict] | None = None) -> dict[str, float]:
+        """The ``opd/...`` scalars of one diagnostic (undefined values are left out); ``summary``: the report's
+        ``config_summary()`` when the caller has it already."""
         out: dict[str, float] = {}
 
         def put(key: str, value: Any) -> None:
@@ -1066,7 +1063,7 @@ class GradientAlignmentCallback(TrainerCallback):
             if v is not None:
                 out[key] = v
 
-        for row in report.config_summary():
+        for row in report.config_summary() if summary is None else summary:
             c = row["config"]
             put(f"opd/{c}/alignment", row["alignment_mean"])
             put(f"opd/{c}/alignment_correct", row["alignment_correct"])
@@ -1102,7 +1099,7 @@ class GradientAlignmentCallback(TrainerCallback):
             level = logging.WARNING if decision["stop"] else logging.INFO
             logger.log(level, decision["message"])
             if es.warn_if_beaten:
-                for b in es.better_alternatives(report, margin=0.0):
+                for b in decision["wins"]:
                     # a WARNING the first time a configuration beats the watched one; INFO when it repeats
                     level = logging.INFO if b["config"] in self._beaten_warned else logging.WARNING
                     self._beaten_warned.add(b["config"])
@@ -1113,7 +1110,7 @@ class GradientAlignmentCallback(TrainerCallback):
             metrics["opd/early_stopping/stop"] = 1.0 if stop else 0.0
         self._log_wandb(report, args, step)
         seconds = time.perf_counter() - t0
-        metrics = {**self.scalars(report, seconds), **metrics}
+        metrics = {**self.scalars(report, seconds, summary), **metrics}
         self.history.append({"step": step, "metrics": dict(metrics)})
         return {"metrics": metrics, "stop": stop, "error": None, "stopper": stopper_state}
 

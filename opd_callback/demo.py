@@ -99,11 +99,12 @@ def run_diagnose(out_dir: Path, n_prompts: int, seed: int, quick: bool = False) 
           f"paired CI that excludes 0: {'YES' if below else 'NO'}")
     print(f"[demo] check: their {dm} is below 0 (adopting them where they differ from the student loses success): "
           f"{'YES' if negative else 'NO'}")
-    al = {r["config"]: r["alignment_mean"] for r in report.config_summary()}
+    summary = report.config_summary()
+    al = {r["config"]: r["alignment_mean"] for r in summary}
     print(f"[demo] for comparison, mean alignment: hard-wrong-teacher {al['hard-wrong-teacher']:+.3f} vs "
           f"strong-teacher {al['strong-teacher']:+.3f} (a mean of per-token cosines weighs every token alike)")
     higher = []
-    for r in report.config_summary():
+    for r in summary:
         c, i = r["alignment_correct"], r["alignment_incorrect"]
         if c is not None and i is not None:
             higher.append(i > c)

@@ -416,6 +416,11 @@ def _summary_section(report: Any) -> str:
     )
 
 
+def _ci_pair(ci: Any) -> tuple[Any, Any]:
+    """``(low, high)`` of a ``[low, high]`` summary field; ``(None, None)`` when it is missing."""
+    return (ci[0], ci[1]) if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
+
+
 def _ranking_section(report: Any) -> str:
     from .stats import DECISION_METRIC, METRICS
 
@@ -427,7 +432,7 @@ def _ranking_section(report: Any) -> str:
     samples = int(report._settings().get("bootstrap_samples", 1000))
     rows, verdicts = [], []
     for _, r in rk.iterrows():
-        lo, hi = (list(r.get(f"{dm}_ci")) + [None, None])[:2] if isinstance(r.get(f"{dm}_ci"), (list, tuple)) else (None, None)
+        lo, hi = _ci_pair(r.get(f"{dm}_ci"))
         diff = "reference" if r["config"] == ref else _signed_cell(r.get("diff"))
         sig = "" if r["config"] == ref else ("yes" if bool(r.get("significant")) else "no")
         rows.append([
@@ -444,10 +449,8 @@ def _ranking_section(report: Any) -> str:
                             f"{_ci(r.get('diff_ci_low'), r.get('diff_ci_high'))})")
     table = _table(rows, ["rank", "configuration", dm, "CI", "mean alignment", f"paired diff vs {ref}", "diff CI",
                           "p (bootstrap)", "significant", "questions"], raw=True)
-    forest = svg_forest([(str(r["config"]), r["value"], *((list(r.get(f"{dm}_ci")) + [None, None])[:2]
-                                                         if isinstance(r.get(f"{dm}_ci"), (list, tuple))
-                                                         else (None, None)))
-                         for _, r in rk.iterrows()], title=f"{dm} with CI")
+    forest = svg_forest([(str(r["config"]), r["value"], *_ci_pair(r.get(f"{dm}_ci"))) for _, r in rk.iterrows()],
+                        title=f"{dm} with CI")
     forest_diff = svg_forest([(str(r["config"]), r.get("diff"), r.get("diff_ci_low"), r.get("diff_ci_high"))
                               for _, r in rk.iterrows() if r["config"] != ref],
                              title=f"paired difference vs {ref}") if len(rk) > 1 else ""

@@ -185,11 +185,19 @@ class AlignmentReport:
         positive fraction, degenerate fraction, mean teacher advantage, node and question counts, and the decision
         metric ``teacher_gain`` with its CI (``teacher_gain_ci_low`` / ``teacher_gain_ci_high``) beside the other
         pooled metrics ``step_alignment`` and ``alignment_weighted``."""
+        return self._summary(self._pooled())
+
+    def _pooled(self) -> dict:
+        """:func:`stats.pooled_metrics` of every subset (computed once per summary)."""
+        from . import stats
+
+        return {subset: stats.pooled_metrics(self, subset=subset) for subset in SUBSETS}
+
+    def _summary(self, pooled: dict) -> pd.DataFrame:
         from . import stats
 
         level = float(self._settings().get("ci_level", 0.95))
         rows = []
-        pooled = {subset: stats.pooled_metrics(self, subset=subset) for subset in SUBSETS}
         for name in self.configs:
             df = self.records[self.records["config"] == name]
             for subset in SUBSETS:
@@ -212,10 +220,9 @@ class AlignmentReport:
         """
         from . import stats
 
-        summ = self.summary()
-        s = self._settings()
-        level = float(s.get("ci_level", 0.95))
-        pooled = {sub: stats.pooled_metrics(self, subset=sub) for sub in SUBSETS}
+        pooled = self._pooled()
+        summ = self._summary(pooled)
+        level = float(self._settings().get("ci_level", 0.95))
         out = []
         for name in self.configs:
             part = summ[summ["config"] == name].set_index("subset")

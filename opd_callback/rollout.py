@@ -11,13 +11,34 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["RolloutBackend", "TransformersBackend", "eos_token_ids", "next_token_logits", "row_keys", "row_uniforms"]
+__all__ = ["RolloutBackend", "TransformersBackend", "eos_token_ids", "next_token_logits", "preserved_rng", "row_keys",
+           "row_uniforms"]
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the CPU/CUDA torch, numpy and Python RNG states afterwards (the callback around a diagnostic; the vLLM
+    backend around engine start-up and its CPU sampler, which draw from the global generators)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 def eos_token_ids(model: torch.nn.Module | None, tokenizer=None) -> list[int]:

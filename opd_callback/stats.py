@@ -113,6 +113,19 @@ def _f(x: Any) -> float:
     return x
 
 
+def _reference(names: Sequence[str], reference: str | None, scores: dict[str, float]) -> str | None:
+    """The reference of a paired comparison: ``reference`` when given (it must be a configuration), else
+    ``"current"`` when scored, else the configuration with the highest finite score (else the first, if any)."""
+    if reference is not None:
+        if reference not in names:
+            raise ValueError(f"reference {reference!r} is not a configuration of this report; use one of {names}")
+        return reference
+    if "current" in names:
+        return "current"
+    finite = {n: m for n, m in scores.items() if math.isfinite(m)}
+    return max(finite, key=finite.get) if finite else (names[0] if names else None)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # bootstrap
 
@@ -192,14 +205,7 @@ def paired_differences(
     rec = _valid(_subset(report.records, subset))
     key = node_key(rec)
     means = {n: _f(rec.loc[rec["config"] == n, "alignment"].astype(float).mean()) for n in names}
-    if reference is None:
-        if "current" in names:
-            reference = "current"
-        else:
-            finite = {n: m for n, m in means.items() if math.isfinite(m)}
-            reference = max(finite, key=finite.get) if finite else (names[0] if names else None)
-    elif reference not in names:
-        raise ValueError(f"reference {reference!r} is not a configuration of this report; use one of {names}")
+    reference = _reference(names, reference, means)
     cols = [
         "config", "reference", "mean", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
         "win_fraction", "n_paired", "n_paired_questions",
@@ -509,14 +515,7 @@ def metric_differences(
             "n_questions"]
     if not names:
         return pd.DataFrame(columns=cols)
-    if reference is None:
-        if "current" in names:
-            reference = "current"
-        else:
-            finite = {n: pm.point[n][metric] for n in names if math.isfinite(pm.point[n][metric])}
-            reference = max(finite, key=finite.get) if finite else names[0]
-    elif reference not in names:
-        raise ValueError(f"reference {reference!r} is not a configuration of this report; use one of {names}")
+    reference = _reference(names, reference, {n: pm.point[n][metric] for n in names})
     rows = []
     for n in names:
         p = pm.paired(n, reference, metric, level) if n != reference else {

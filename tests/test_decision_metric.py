@@ -16,8 +16,7 @@ from opd_callback import stats
 from opd_callback.stats import _group_weights
 
 from helpers import reward_from
-from test_engine import completion_of, exact_lab, exact_run, E_T, E_TAU, e_reward
-from helpers import ExactTree
+from test_engine import exact_lab, exact_run, exact_truth, E_T, E_TAU, e_reward
 
 
 def _rec(q, r, pos, config, *, alignment, g, d, inner, adv, succ, value, degenerate=False, correct=False):
@@ -150,22 +149,12 @@ def test_teacher_gain_is_exact_against_enumeration():
     against its enumerated value. The numerator is linear in the success estimates: a 5-sigma z-test. The
     denominator's error is bounded by 5 sd of the sum plus the upward bias of a max of estimates (<= sqrt(sum var))."""
     rep = exact_run(400)
-    tok, student, teacher = exact_lab()
-    trees: dict = {}
+    tok, _, _ = exact_lab()
     num = den = var_num = var_den = bias_den = 0.0
-    for _, r in rep.records.iterrows():
-        prompt = ["ab", "b"][r.prompt_index]
-        if prompt not in trees:
-            ids = tok(prompt)["input_ids"]
-            trees[prompt] = (ExactTree(student, tok, ids, e_reward, E_T, E_TAU),
-                             ExactTree(teacher, tok, ids, e_reward, E_T, E_TAU))
-        st, tt = trees[prompt]
-        pre = completion_of(rep, r.prompt_index, r.rollout_index)[: r.position]
-        S = torch.tensor([st.S(pre + [j]) for j in range(len(tok))], dtype=torch.float64)
-        P = st.probs(pre)
-        Q = torch.softmax(tt.logits(pre).double(), -1)  # the configuration's temperature is 1
+    for (_, r), t in zip(rep.records.iterrows(), exact_truth(rep)):
+        S, P, Q = t["S"], t["P"], t["Q"]
         num += float((Q - P) @ S)
-        den += float(S.max()) - float(P @ S)
+        den += float(S.max()) - t["V"]
         var = torch.zeros(len(tok), dtype=torch.float64)
         for j, n in zip(r.candidate_ids, r.candidate_rollouts):
             var[j] = 0.0 if n == 1 else float(S[j] * (1 - S[j])) / n

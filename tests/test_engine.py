@@ -138,7 +138,8 @@ def exact_run(n: int, prefix_cache: bool | None = None):
 
 
 def exact_truth(report):
-    """Per record: true S over the whole vocabulary, true P, V, g and alignment (reverse KL at tau_c = 1)."""
+    """Per record: true S over the whole vocabulary, true P, the teacher's Q, V, g and alignment (reverse KL at
+    tau_c = 1)."""
     tok, student, teacher = exact_lab()
     trees = {}
     out = []
@@ -156,7 +157,8 @@ def exact_truth(report):
         g = P * (S - v)
         d = _dir("reverse_kl", st.logits(pre), tt.logits(pre), None)
         al = float(g @ d / (g.norm() * d.norm())) if g.norm() > 1e-9 else float("nan")
-        out.append(dict(S=S, P=P, V=v, g=g, alignment=al))
+        Q = torch.softmax(tt.logits(pre).double(), -1)  # the teacher at the configuration's temperature (1)
+        out.append(dict(S=S, P=P, Q=Q, V=v, g=g, alignment=al))
     return out
 
 
