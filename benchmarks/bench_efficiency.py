@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_qwen2, write_result  # noqa: E402
 
 import opd_callback as oc  # noqa: E402
-from opd_callback.alignment import score_node  # noqa: E402
+from opd_callback.core.alignment import score_node  # noqa: E402
 from opd_callback.rollout import TransformersBackend, next_token_logits  # noqa: E402
 
 TARGET = 0.05

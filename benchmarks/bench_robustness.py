@@ -5,7 +5,7 @@ counts, and training amplifies it). This benchmark trains (or loads) several lab
 process, seed 4 with two -- and measures on each:
 
 1. **Training-free diagnostic** (the demo's settings and configurations, the hard wrong teacher included): every
-   configuration-level metric of :data:`opd_callback.stats.METRICS` with its question-bootstrap CI, and whether the
+   configuration-level metric of :data:`opd_callback.report.stats.METRICS` with its question-bootstrap CI, and whether the
    paired CI of ``strong - bad`` excludes 0 for each bad configuration (wrong, hard-wrong, misleading), at the full
    probe budget and at half of it (the first half of the probe questions).
 2. **Early stopping**: ``DistillationTrainer`` runs with the strong, the wrong and the hard-wrong teacher as the
@@ -33,7 +33,7 @@ from common import RESULTS, write_result  # noqa: E402
 
 LABS = [(0, 1), (1, 1), (2, 1), (3, 1), (4, 2)]  # (seed, training threads per process)
 BAD = ("wrong-teacher", "hard-wrong-teacher", "self+misleading")
-DEMO_LR = 1e-4  # opd_callback.demo_training's learning rate
+DEMO_LR = 1e-4  # opd_callback.demo.training's learning rate
 
 
 def lab_name(seed: int, threads: int) -> str:
@@ -59,7 +59,8 @@ def diagnose_lab(lab, out: Path, n_prompts: int) -> dict:
 
 def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
     import opd_callback as oc
-    from opd_callback import stats, toy
+    from opd_callback import toy
+    from opd_callback.report import stats
     from opd_callback.demo import demo_configs, demo_settings
 
     if (rec / "records.parquet").exists():
@@ -176,7 +177,7 @@ def replay(diagnostics: list, kwargs: dict) -> dict:
 
 def train_lab(lab, out: Path, seed: int, lr: float) -> dict:
     """The demo's three training runs without early stopping (every diagnostic saved), then every rule replayed."""
-    from opd_callback.demo_training import early_stopping_runs
+    from opd_callback.demo.training import early_stopping_runs
 
     runs = {}
     out = out / f"lr{lr:g}"
@@ -199,7 +200,7 @@ def train_lab(lab, out: Path, seed: int, lr: float) -> dict:
 
 
 def print_tables(results: dict) -> None:
-    from opd_callback import stats
+    from opd_callback.report import stats
 
     labs = list(results["labs"])
     for selection, metric in [(sel, m) for sel in SELECTIONS for m in stats.METRICS]:
@@ -259,7 +260,7 @@ def print_tables(results: dict) -> None:
 
 def markdown(results: dict) -> str:
     """The README's tables: per lab (decision metric and early stopping), metrics compared, stopping rules compared."""
-    from opd_callback import stats
+    from opd_callback.report import stats
 
     labs = [n for n in results["labs"] if "diagnose" in results["labs"][n]]
     out = ["| lab (CPU threads) | student / strong / wrong / hard-wrong acc. | teacher_gain: strong | wrong | hard-wrong "

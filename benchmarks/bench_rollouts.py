@@ -6,7 +6,7 @@
 * naive    — ``model.generate`` once per (node, candidate), full prefix re-encoded, ``num_return_sequences=n``.
 * ceiling  — plain batched ``model.generate`` of the same number of continuations from a 1-token prompt (no prefix).
 
-* vllm     — ``--backend vllm``: :class:`~opd_callback.rollout_vllm.VLLMBackend` on a vLLM engine started once per
+* vllm     — ``--backend vllm``: :class:`~opd_callback.rollout.vllm_backend.VLLMBackend` on a vLLM engine started once per
              model (prefix caching, one request with ``n`` per (node, candidate); prefix cache cleared before each
              pass). Models whose head size vLLM's CPU attention refuses (the toy lab's) are skipped.
 

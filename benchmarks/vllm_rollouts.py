@@ -19,7 +19,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 class VLLMRunner:
     def __init__(self, model, *, dtype: str = "float32", max_model_len: int = 1024, **options) -> None:
-        from opd_callback.rollout_vllm import VLLMBackend, VLLMOptions, start_vllm_engine
+        from opd_callback.rollout.vllm_backend import VLLMBackend, VLLMOptions, start_vllm_engine
 
         self.dir = tempfile.mkdtemp(prefix="bench-vllm-")
         model.save_pretrained(self.dir)

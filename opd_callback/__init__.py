@@ -7,9 +7,9 @@ with it (arXiv 2605.10889). Training-free via :func:`diagnose`; during training 
 
 from __future__ import annotations
 
-from .alignment import cosine, ideal_gradient, score_node
-from .config import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
-from .divergences import (
+from opd_callback.core.alignment import cosine, ideal_gradient, score_node
+from opd_callback.core.settings import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
+from opd_callback.core.divergences import (
     Divergence,
     available_divergences,
     divergence_direction,
@@ -17,10 +17,9 @@ from .divergences import (
     get_divergence,
     register_divergence,
 )
-from .engine import AlignmentEngine, RewardFunctionError, diagnose
-from .report import AlignmentReport
-from .rollout import RolloutBackend, TransformersBackend
-from .rollout_vllm import VLLMBackend, VLLMOptions  # vllm itself is imported only when an engine starts
+from opd_callback.core.engine import AlignmentEngine, RewardFunctionError, diagnose
+from opd_callback.report import AlignmentReport
+from opd_callback.rollout import RolloutBackend, TransformersBackend, VLLMBackend, VLLMOptions
 
 __version__ = "0.1.0"
 
@@ -50,8 +49,8 @@ __all__ = [
 ]
 
 _LAZY = {
-    "GradientAlignmentCallback": ".callback",
-    "AlignmentEarlyStopping": ".callback",
+    "GradientAlignmentCallback": "opd_callback.training.callback",
+    "AlignmentEarlyStopping": "opd_callback.training.callback",
 }
 
 

@@ -5,7 +5,7 @@
     opd-diagnose compare DIR_A DIR_B
     opd-diagnose demo
 
-``docs/cli.md`` is the manual. Every :class:`~opd_callback.config.RolloutSettings` field is a flag of ``run``
+``docs/cli.md`` is the manual. Every :class:`~opd_callback.core.settings.RolloutSettings` field is a flag of ``run``
 (``--num-rollouts 8``, ``--space params``, ...); ``--config FILE.yaml|.toml`` holds the same keys. ``run`` works prompt by
 prompt, saves the report every ``--save-every`` prompts, and on Ctrl-C saves the prompts finished so far (a consistent
 partial report) before exiting with status 130; ``--resume`` continues it.
@@ -44,7 +44,7 @@ class CliError(ValueError):
 
 
 def _settings_fields() -> list[tuple[dataclasses.Field, Any]]:
-    from .config import RolloutSettings
+    from opd_callback.core.settings import RolloutSettings
 
     hints = typing.get_type_hints(RolloutSettings)
     return [(f, hints[f.name]) for f in dataclasses.fields(RolloutSettings) if f.init]
@@ -298,7 +298,7 @@ def load_examples(path: str | Path, split: str | None = None, limit: int | None 
         rows = rows[: int(limit)]
     if not rows:
         raise CliError(f"--data {path}: no rows")
-    from .config import messages_to_prompt_row
+    from opd_callback.core.settings import messages_to_prompt_row
 
     out = []
     for i, r in enumerate(rows):
@@ -368,7 +368,7 @@ def parse_divergence(spec: str) -> tuple[str | None, dict]:
     if ":" in div:
         div = _import_object(div, "--divergence")
     else:
-        from .divergences import available_divergences
+        from opd_callback.core.divergences import available_divergences
 
         if div not in available_divergences():
             raise CliError(f"--divergence {spec!r}: unknown divergence {div!r}; use one of {available_divergences()} "
@@ -411,7 +411,7 @@ _OPTION_TYPES = {"beta": float | None, "temperature": float, "top_k": int | None
 
 
 def _specs_from_file(data: dict) -> list[_ConfigSpec]:
-    from .config import parse_setting
+    from opd_callback.core.settings import parse_setting
 
     out: list[_ConfigSpec] = []
     for key, kind in (("teachers", "teacher"), ("contexts", "context")):
@@ -480,13 +480,13 @@ def _resolve(args: argparse.Namespace) -> dict:
     """Merge the config file and the flags into one plain description of the run (raises CliError)."""
     file: dict = load_config_file(args.config) if args.config else {}
     known = set(RUN_KEYS) | {"teachers", "contexts", "settings", "divergence", "context_models"}
-    from .config import RolloutSettings
+    from opd_callback.core.settings import RolloutSettings
 
     field_names = {f.name for f in dataclasses.fields(RolloutSettings)}
     unknown = sorted(k for k in file if k not in known and k not in field_names)
     if unknown:
         raise CliError(f"--config: unknown keys {unknown}; allowed: {sorted(known)} and RolloutSettings fields")
-    from .config import parse_setting
+    from opd_callback.core.settings import parse_setting
 
     run: dict[str, Any] = {}
     for k in RUN_KEYS:
@@ -576,7 +576,7 @@ def _resolve(args: argparse.Namespace) -> dict:
         if not hit:
             raise CliError(f"--divergence {d!r}: no configuration named {n!r} (have {names})")
         hit[0].options.update(kw)
-    from .config import ContextTeacher, TeacherConfig, template_fields
+    from opd_callback.core.settings import ContextTeacher, TeacherConfig, template_fields
 
     for s in specs:
         s.options = {**default_kw, **s.options}
@@ -592,8 +592,8 @@ def _resolve(args: argparse.Namespace) -> dict:
 
 def _check_data(examples: list[dict], specs: list[_ConfigSpec], data: str) -> None:
     """The rows' prompts and every context template against every row, before any model is loaded."""
-    from .config import format_template
-    from .engine import _check_examples
+    from opd_callback.core.settings import format_template
+    from opd_callback.core.engine import _check_examples
 
     try:
         rows = _check_examples(examples)
@@ -653,7 +653,7 @@ def _save_atomic(report: Any, out: Path) -> None:
 
 def _print_ranking(report: Any, settings: Any, nodes: int) -> None:
     """The paired ranking, or one line saying why there is none (no node scored, every node degenerate)."""
-    from .engine import no_nodes_message
+    from opd_callback.core.engine import no_nodes_message
 
     if nodes == 0 or report.records.empty:
         print(f"\n{PROG}: {no_nodes_message(settings, report.rollouts.to_dict('records'))}", file=sys.stderr)
@@ -692,7 +692,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         run = _resolve(args)
-        from .config import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
+        from opd_callback.core.settings import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
 
         try:
             settings = RolloutSettings(**run["settings"])
@@ -707,7 +707,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         done_rec = done_rol = None
         meta_prev: dict = {}
         if args.resume and (out / "records.parquet").exists():
-            from .report import AlignmentReport
+            from opd_callback.report import AlignmentReport
 
             prev = AlignmentReport.load(out)
             meta_prev = prev.meta
@@ -747,17 +747,17 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 configs.append(TeacherConfig(s.name, teacher, **s.options))
             except (ValueError, TypeError) as exc:
                 raise CliError(f"configuration {s.name!r}: {exc}") from None
-        from .engine import AlignmentEngine
+        from opd_callback.core.engine import AlignmentEngine
 
         try:
             engine = AlignmentEngine(student, tokenizer, configs, reward_fn, settings)
             if settings.space == "params":
-                from .param_space import select_parameters
+                from opd_callback.core.param_space import select_parameters
 
                 select_parameters(student, settings.param_filter)
             prepared = engine.prepare(examples)
             if run["backend"] == "vllm":
-                from .rollout_vllm import make_backend
+                from opd_callback.rollout.vllm_backend import make_backend
 
                 vopts = {k: getattr(args, "vllm_" + k) for k in ("tensor_parallel_size", "gpu_memory_utilization",
                          "max_model_len", "max_num_seqs") if getattr(args, "vllm_" + k, None) is not None}
@@ -800,7 +800,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     completed = len(prepared) - len(todo)
 
     def snapshot(interrupted: bool) -> Any:
-        from .report import AlignmentReport
+        from opd_callback.report import AlignmentReport
 
         meta = {**meta_base, **totals, "seconds": seconds_prev + time.perf_counter() - t0,
                 "completed_prompts": completed, "interrupted": interrupted}
@@ -814,7 +814,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prepared), initial=completed, desc=PROG, unit="prompt", dynamic_ncols=True)
-    from .engine import eval_mode
+    from opd_callback.core.engine import eval_mode
 
     modes = eval_mode(student, *engine.teacher_models())
     modes.__enter__()
@@ -856,7 +856,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         bar.close()
     report = snapshot(interrupted)
     if not args.no_html:
-        from .html_report import build_html
+        from opd_callback.report.html_report import build_html
 
         build_html(report, out / "report.html", max_questions=int(run["max_questions"]))
     print(report.format_table())
@@ -875,7 +875,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _load_report(path: str, parser: argparse.ArgumentParser, what: str):
-    from .report import AlignmentReport
+    from opd_callback.report import AlignmentReport
 
     p = Path(path)
     if not p.is_dir():
@@ -891,7 +891,7 @@ def _load_report(path: str, parser: argparse.ArgumentParser, what: str):
 
 
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .html_report import build_html
+    from opd_callback.report.html_report import build_html
 
     report = _load_report(args.dir, parser, "DIR")
     tok = None
@@ -914,8 +914,8 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .html_report import build_compare_html
-    from .stats import compare_reports
+    from opd_callback.report.html_report import build_compare_html
+    from opd_callback.report.stats import compare_reports
 
     a = _load_report(args.dir_a, parser, "DIR_A")
     b = _load_report(args.dir_b, parser, "DIR_B")
@@ -937,7 +937,7 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _cmd_demo(rest: list[str]) -> int:
-    from . import demo
+    from opd_callback import demo
 
     if any(x in ("-h", "--help") for x in rest):
         return int(demo.main(["--help"]) or 0)
@@ -950,12 +950,12 @@ def _cmd_demo(rest: list[str]) -> int:
     no_html = "--no-html" in rest
     rc = int(demo.main([x for x in rest if x != "--no-html"]) or 0)
     if rc == 0 and not no_html and (Path(out) / "records.parquet").exists():
-        from .html_report import build_html
-        from .report import AlignmentReport
+        from opd_callback.report.html_report import build_html
+        from opd_callback.report import AlignmentReport
 
         tok = None
         try:
-            from .toy.tokenizer import build_tokenizer
+            from opd_callback.toy.tokenizer import build_tokenizer
 
             tok = build_tokenizer()
         except Exception:  # noqa: BLE001 - the report renders without token strings

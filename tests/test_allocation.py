@@ -1,4 +1,4 @@
-"""The adaptive allocation's error model and greedy allocator (opd_callback/allocation.py), against independent truth:
+"""The adaptive allocation's error model and greedy allocator (opd_callback/core/allocation.py), against independent truth:
 a Monte-Carlo simulation of the real estimator (binomial S_hat through score_node), and brute-force search."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from opd_callback.alignment import score_node
-from opd_callback.allocation import NodeErrorModel, greedy_allocation
+from opd_callback.core.alignment import score_node
+from opd_callback.core.allocation import NodeErrorModel, greedy_allocation
 
 
 def _node(p, d, s, sigma, n, m=256, seed=0):

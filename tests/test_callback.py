@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import opd_callback as oc
-from opd_callback.callback import DiagnosticError, estimate_continuations
-from opd_callback.html import token_heatmap_html
+from opd_callback.training.callback import DiagnosticError, estimate_continuations
+from opd_callback.report.heatmap import token_heatmap_html
 
 from _dist_worker import (
     accuracy_reward,

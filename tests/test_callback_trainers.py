@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import opd_callback as oc
-from opd_callback.integrations.trainers import RoutedModel, describe_trainer
+from opd_callback.training.trainers import RoutedModel, describe_trainer
 
 from _dist_worker import (
     accuracy_reward,

@@ -18,7 +18,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from opd_callback import cli
-from opd_callback.engine import AlignmentEngine
+from opd_callback.core.engine import AlignmentEngine
 from opd_callback.report import AlignmentReport
 
 CHARS = list("0123456789+=> abns")

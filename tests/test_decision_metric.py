@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import opd_callback as oc
-from opd_callback import stats
-from opd_callback.stats import _group_weights
+from opd_callback.report import stats
+from opd_callback.report.stats import _group_weights
 
 from helpers import reward_from
 from test_engine import exact_lab, exact_run, exact_truth, E_T, E_TAU, e_reward

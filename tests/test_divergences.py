@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from opd_callback import TeacherConfig, ExternalTeacher, available_divergences, divergence_direction, divergence_loss
-from opd_callback.divergences import get_divergence
+from opd_callback.core.divergences import get_divergence
 
 # float64 throughout: analytic and autograd forms agree to rounding (~1e-15); 1e-10 leaves a wide margin while any
 # formula error (a missing term, a swapped KL, a wrong 1/T factor) is O(1e-2) or larger on these logits.

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import opd_callback as oc
-from opd_callback.engine import select_nodes
-import opd_callback.report as report_mod
+from opd_callback.core.engine import select_nodes
+import opd_callback.report.alignment_report as report_mod
 from opd_callback.report import RECORD_COLUMNS, ROLLOUT_COLUMNS
 from opd_callback.rollout import TransformersBackend
 

@@ -1,4 +1,4 @@
-"""Parameter-space alignment cos(Jᵀg, Jᵀd) (RolloutSettings(space="params"), opd_callback/param_space.py)."""
+"""Parameter-space alignment cos(Jᵀg, Jᵀd) (RolloutSettings(space="params"), opd_callback/core/param_space.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import opd_callback as oc
-from opd_callback import param_space
-from opd_callback.param_space import CountSketch, ParamSpaceScorer, param_space_cosines, select_parameters, vjp_gram
+from opd_callback.core import param_space
+from opd_callback.core.param_space import CountSketch, ParamSpaceScorer, param_space_cosines, select_parameters, vjp_gram
 
 CHARS = list("0123456789+=> ab")
 

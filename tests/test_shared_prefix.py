@@ -11,7 +11,7 @@ import torch
 from helpers import plain_next_logits, tiny_qwen2
 from transformers import AttentionInterface, Qwen2ForCausalLM
 
-from opd_callback import rollout
+from opd_callback.rollout import shared_prefix as rollout
 from opd_callback.rollout import TransformersBackend
 
 V = 11

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opd_callback import stats
+from opd_callback.report import stats
 from opd_callback.report import EXTRA_RECORD_COLUMNS, RECORD_COLUMNS, AlignmentReport, bootstrap_mean_ci
 
 

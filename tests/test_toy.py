@@ -347,7 +347,7 @@ def test_wrong_teachers_rank_below_strong_teacher(lab_and_time):
     import opd_callback as oc
     from opd_callback.toy import reward_fn
 
-    from opd_callback import stats
+    from opd_callback.report import stats
 
     lab, _ = lab_and_time
     report = oc.diagnose(

@@ -1,4 +1,4 @@
-"""The vLLM rollout backend (opd_callback/rollout_vllm.py) on CPU: exact sampling against enumeration on two model
+"""The vLLM rollout backend (opd_callback/rollout/vllm_backend.py) on CPU: exact sampling against enumeration on two model
 families, statistical agreement with the transformers backend, seeds, weight sync (prefix cache included), the
 ``backend="vllm"`` entry points (diagnose, opd-diagnose, the callback with its own engine and with TRL's colocated one).
 
@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from opd_callback.rollout_vllm import vllm_available
+from opd_callback.rollout.vllm_backend import vllm_available
 
 if not vllm_available():
     pytest.skip(
@@ -32,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import opd_callback as oc  # noqa: E402
 from opd_callback.rollout import TransformersBackend  # noqa: E402
-from opd_callback.rollout_vllm import VLLMBackend, VLLMOptions, start_vllm_engine  # noqa: E402
+from opd_callback.rollout.vllm_backend import VLLMBackend, VLLMOptions, start_vllm_engine  # noqa: E402
 
 from helpers import ExactTree, bernstein_halfwidth, make_tokenizer, plain_next_logits, reward_from  # noqa: E402
 
@@ -273,7 +273,7 @@ def test_weight_sync_after_an_optimizer_step(qwen, route, monkeypatch):
     """After an optimizer step on the transformers model, sync_weights makes the engine sample from the new weights,
     including for a prefix whose blocks were cached under the old weights (the prefix cache is reset). "through a
     file" is the route of engines whose workers run in other processes (vLLM's RPC cannot carry tensors there)."""
-    import opd_callback.rollout_vllm as rv
+    import opd_callback.rollout.vllm_backend as rv
 
     if route == "through a file":
         monkeypatch.setattr(rv, "_driver_model", lambda llm: None)
@@ -319,7 +319,7 @@ def test_diagnose_backend_string_starts_an_engine(qwen, monkeypatch):
     options (the module's engine stands in for it) and does not push weights that equal the checkpoint's."""
     from transformers import AutoModelForCausalLM
 
-    import opd_callback.rollout_vllm as rv
+    import opd_callback.rollout.vllm_backend as rv
 
     seen = {}
 
@@ -344,7 +344,7 @@ def test_diagnose_backend_string_starts_an_engine(qwen, monkeypatch):
 
 
 def test_engine_kwargs_exact_sampling_defaults():
-    from opd_callback.rollout_vllm import engine_kwargs
+    from opd_callback.rollout.vllm_backend import engine_kwargs
 
     kw = engine_kwargs(VLLMOptions(tensor_parallel_size=2, gpu_memory_utilization=0.4, dtype="bfloat16",
                                    max_model_len=4096))
@@ -360,7 +360,7 @@ def test_cli_run_backend_vllm(qwen, tmp_path, monkeypatch):
     """opd-diagnose run --backend vllm --vllm-... on a checkpoint directory: report written, options passed."""
     import json
 
-    import opd_callback.rollout_vllm as rv
+    import opd_callback.rollout.vllm_backend as rv
     from opd_callback import cli
 
     seen = {}
@@ -422,7 +422,7 @@ def test_callback_with_its_own_engine(tmp_path):
     diagnostic at each step sees that step's weights."""
     from _dist_worker import build_model, build_tokenizer
 
-    import opd_callback.rollout_vllm as rv
+    import opd_callback.rollout.vllm_backend as rv
 
     tok = build_tokenizer()
     ref = _cb_trainer(tmp_path / "ref", tok, build_model(tok, 0, hidden=64))
@@ -475,7 +475,7 @@ def test_callback_reuses_trl_colocated_engine(tmp_path, monkeypatch):
     routes TRL's sync through :func:`load_weights_into` so that the trainer can train here at all."""
     from _dist_worker import build_model, build_tokenizer
 
-    import opd_callback.rollout_vllm as rv
+    import opd_callback.rollout.vllm_backend as rv
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; TRL's engine would size it from gpu_memory_utilization
     tok = build_tokenizer()

@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .alignment import NodeScore, score_node, window_index
-from .allocation import SATURATION_MIN_SAMPLES, NodeErrorModel, SaturatedNodeModel, greedy_allocation
-from .config import (
+from opd_callback.core.alignment import NodeScore, score_node, window_index
+from opd_callback.core.allocation import SATURATION_MIN_SAMPLES, NodeErrorModel, SaturatedNodeModel, greedy_allocation
+from opd_callback.core.settings import (
     ContextTeacher,
     ExternalTeacher,
     RolloutSettings,
@@ -32,8 +32,8 @@ from .config import (
     format_template,
     messages_to_prompt_row,
 )
-from .report import AlignmentReport
-from .rollout import RolloutBackend, TransformersBackend, eos_token_ids, next_token_logits
+from opd_callback.report import AlignmentReport
+from opd_callback.rollout import RolloutBackend, TransformersBackend, eos_token_ids, next_token_logits
 
 __all__ = ["diagnose", "AlignmentEngine", "RewardFunctionError", "select_nodes", "vocab_size", "eval_mode",
            "position_limit"]
@@ -630,9 +630,9 @@ class AlignmentEngine:
             s_j = success(node)
             cand_t = torch.as_tensor(ids, dtype=torch.long)
             ns = node_score(node)
-            # ---- issue 4: parameter-space alignment (opd_callback/param_space.py) ------------------------------ begin
+            # ---- issue 4: parameter-space alignment (opd_callback/core/param_space.py) ------------------------------ begin
             if st.space == "params":
-                from .param_space import rescore
+                from opd_callback.core.param_space import rescore
 
                 ns = rescore(self, ns, prep.prompt_ids + list(base[r]), plen + t)
             # ---- issue 4 ------------------------------------------------------------------------------------------ end
@@ -680,7 +680,7 @@ class AlignmentEngine:
 
         Round 1 gives every live candidate ``max(adaptive_initial, rollouts_per_branch / 4)`` continuations. The rest
         of the prompt's budget (pooled over its nodes) is spent in two more rounds, half and then the rest, by
-        :func:`~opd_callback.allocation.greedy_allocation`, which minimises the sum over nodes of the predicted
+        :func:`~opd_callback.core.allocation.greedy_allocation`, which minimises the sum over nodes of the predicted
         alignment error (``allocation.py`` explains the error models). A node whose outcomes so far are all equal is
         *saturated*: it stops once each of its candidates has ``max(SATURATION_MIN_SAMPLES, rollouts_per_branch / 2)``
         continuations (8 at least, half the uniform share); before that it competes for continuations by its chance
@@ -859,7 +859,7 @@ def diagnose(
             student's checkpoint directory, or on its config with its current weights pushed; docs/backends.md), or a
             :class:`RolloutBackend`.
         progress: show a tqdm bar over prompts.
-        vllm_options: ``backend="vllm"``: a :class:`~opd_callback.rollout_vllm.VLLMOptions` or a dict of its fields
+        vllm_options: ``backend="vllm"``: a :class:`~opd_callback.rollout.vllm_backend.VLLMOptions` or a dict of its fields
             (``tensor_parallel_size``, ``gpu_memory_utilization``, ``dtype``, ``max_model_len``, ...).
 
     Returns:
@@ -874,8 +874,8 @@ def diagnose(
     """
     named = backend if isinstance(backend, str) else None
     engine = AlignmentEngine(student, tokenizer, configs, reward_fn, settings, None if named else backend)
-    if named is not None:  # issue 9: "transformers" / "vllm" (opd_callback/rollout_vllm.py)
-        from .rollout_vllm import make_backend
+    if named is not None:  # issue 9: "transformers" / "vllm" (opd_callback/rollout/vllm_backend.py)
+        from opd_callback.rollout.vllm_backend import make_backend
 
         st = engine.settings
         engine.backend = make_backend(

@@ -3,7 +3,7 @@
 Every ``every_n_steps`` optimizer steps the callback pauses training, runs the core :class:`~opd_callback.AlignmentEngine`
 on a fixed probe set with the *current* student weights, and logs how well each teacher configuration's distillation
 direction aligns with the ideal per-token gradient of the student's success. The configuration the trainer is actually
-using (named ``current``) is derived from the trainer (:mod:`opd_callback.integrations.trainers`); alternatives are
+using (named ``current``) is derived from the trainer (:mod:`opd_callback.training.trainers`); alternatives are
 scored in the same engine pass, on the same rollouts and nodes.
 
 Design:
@@ -40,11 +40,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .config import RolloutSettings, TeacherConfig, check_value
-from .engine import AlignmentEngine
-from .integrations.trainers import CURRENT, TrainerSpec, describe_trainer, unwrap
-from .report import AlignmentReport
-from .rollout import preserved_rng
+from opd_callback.core.settings import RolloutSettings, TeacherConfig, check_value
+from opd_callback.core.engine import AlignmentEngine
+from opd_callback.training.trainers import CURRENT, TrainerSpec, describe_trainer, unwrap
+from opd_callback.report import AlignmentReport
+from opd_callback.rollout import preserved_rng
 
 __all__ = [
     "GradientAlignmentCallback",
@@ -67,7 +67,7 @@ EARLY_STOPPING_METRICS = {
     "positive_fraction": "positive_fraction",
     "teacher_advantage": "teacher_advantage",
 }
-# early-stopping metric name -> pooled metric (opd_callback.stats.METRICS) for paired comparisons
+# early-stopping metric name -> pooled metric (opd_callback.report.stats.METRICS) for paired comparisons
 _PAIRED_METRIC = {"teacher_gain": "teacher_gain", "step_alignment": "step_alignment",
                   "alignment_weighted": "alignment_weighted", "alignment": "alignment_mean",
                   "teacher_advantage": "teacher_advantage"}
@@ -252,7 +252,7 @@ class AlignmentEarlyStopping(TrainerCallback, ExportableState):
         pm_name = _PAIRED_METRIC.get(self.metric)
         if report is None or pm_name is None or report.records.empty or self.config not in report.configs:
             return []
-        from . import stats
+        from opd_callback.report import stats
 
         margin = self.margin if margin is None else margin
         diffs = stats.metric_differences(report, pm_name, reference=self.config)
@@ -512,7 +512,7 @@ class GradientAlignmentCallback(TrainerCallback):
         backend: the student's rollout engine: ``None``/``"transformers"`` (default) or ``"vllm"``: the trainer's own
             vLLM engine when TRL runs one in colocate mode (synced to the current weights first), else one engine
             started once and loaded with the student's current weights before each diagnostic (docs/backends.md).
-        vllm_options: ``backend="vllm"``: :class:`~opd_callback.rollout_vllm.VLLMOptions` (or a dict of its fields) of
+        vllm_options: ``backend="vllm"``: :class:`~opd_callback.rollout.vllm_backend.VLLMOptions` (or a dict of its fields) of
             the engine the callback starts.
     """
 
@@ -659,12 +659,12 @@ class GradientAlignmentCallback(TrainerCallback):
             if early_stopping not in trainer.callback_handler.callbacks:
                 trainer.add_callback(early_stopping)  # so that its counters are saved in checkpoints
 
-        # issue 9: backend="vllm" (opd_callback/rollout_vllm.py)
+        # issue 9: backend="vllm" (opd_callback/rollout/vllm_backend.py)
         self._rollouts = None
         if backend not in (None, "transformers"):
             if backend != "vllm":
                 raise ValueError(f"backend must be None, 'transformers' or 'vllm', got {backend!r}")
-            from .rollout_vllm import VLLMBackendProvider
+            from opd_callback.rollout.vllm_backend import VLLMBackendProvider
 
             self._rollouts = VLLMBackendProvider(trainer, vllm_options)
 
@@ -1115,7 +1115,7 @@ class GradientAlignmentCallback(TrainerCallback):
         return {"metrics": metrics, "stop": stop, "error": None, "stopper": stopper_state}
 
     def _log_wandb(self, report: AlignmentReport, args: Any, step: int) -> None:
-        from .integrations.wandb_logging import WandbPanels, wandb_active
+        from opd_callback.training.wandb_panels import WandbPanels, wandb_active
 
         if not wandb_active(args):
             return

@@ -86,7 +86,7 @@ def run_diagnose(out_dir: Path, n_prompts: int, seed: int, quick: bool = False) 
         f"{report.success_rate:.1%}\n"
     )
     print(report.format_table())
-    from opd_callback import stats
+    from opd_callback.report import stats
 
     dm = stats.DECISION_METRIC
     rk = report.ranking(reference="strong-teacher")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"diagnose": run_diagnose(out, args.prompts, args.seed, args.quick)}
     if not args.skip_training:
         try:
-            from .demo_training import run_training_demos
+            from opd_callback.demo.training import run_training_demos
         except ImportError:
             run_training_demos = None
         if run_training_demos is not None:

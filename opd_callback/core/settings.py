@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
-from .divergences import get_divergence
+from opd_callback.core.divergences import get_divergence
 
 __all__ = [
     "ExternalTeacher",

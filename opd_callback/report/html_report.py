@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import stats
-from .html import alignment_color  # one colour scale with the wandb token heatmap
+from opd_callback.report import stats
+from opd_callback.report.heatmap import alignment_color  # one colour scale with the wandb token heatmap
 
 __all__ = ["build_html", "build_compare_html", "alignment_color", "SECTIONS"]
 
@@ -422,7 +422,7 @@ def _ci_pair(ci: Any) -> tuple[Any, Any]:
 
 
 def _ranking_section(report: Any) -> str:
-    from .stats import DECISION_METRIC, METRICS
+    from opd_callback.report.stats import DECISION_METRIC, METRICS
 
     rk = report.ranking()
     if rk.empty:

@@ -182,7 +182,7 @@ def early_stopping_runs(lab: Any, out: Path, seed: int = 0, quick: bool = False,
     hard-wrong ones to be stopped."""
     import opd_callback as oc
 
-    from .demo import demo_configs
+    from opd_callback.demo import demo_configs
 
     steps = 20 if quick else 40
     every = 5

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .divergences import LossFn, divergence_direction
+from opd_callback.core.divergences import LossFn, divergence_direction
 
 __all__ = [
     "ideal_gradient",

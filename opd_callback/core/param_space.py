@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .alignment import NodeScore
+from opd_callback.core.alignment import NodeScore
 
 __all__ = ["select_parameters", "CountSketch", "vjp_gram", "ParamSpaceScorer", "param_space_cosines", "rescore"]
 
@@ -269,7 +269,7 @@ class ParamSpaceScorer:
 
     Args:
         model: the student (its live weights; a peft model works with ``param_filter="lora"``).
-        settings: :class:`~opd_callback.config.RolloutSettings` (``param_filter``, ``projection_dim``, ``seed``,
+        settings: :class:`~opd_callback.core.settings.RolloutSettings` (``param_filter``, ``projection_dim``, ``seed``,
             ``degenerate_eps``).
     """
 

@@ -16,42 +16,14 @@ import pandas as pd
 
 __all__ = ["AlignmentReport", "bootstrap_mean_ci", "RECORD_COLUMNS", "EXTRA_RECORD_COLUMNS", "ROLLOUT_COLUMNS"]
 
-RECORD_COLUMNS = [
-    "prompt_index",
-    "rollout_index",
-    "position",
-    "token_id",
-    "token",
-    "rollout_reward",
-    "rollout_correct",
-    "window",
-    "student_entropy",
-    "covered_mass",
-    "value",
-    "candidate_ids",
-    "candidate_probs",
-    "candidate_success",
-    "candidate_rollouts",
-    "config",
-    "alignment",
-    "inner",
-    "teacher_advantage",
-    "kl_reverse",
-    "kl_forward",
-    "js",
-    "teacher_entropy",
-    "degenerate",
-]
-# Optional columns written by newer engines (absent from old records): per-node norms |g| and |d| in the scored space
-# (enough, with ``inner``, for the rollout-level cosines of the oracle mask gain), and in parameter space
-# (``RolloutSettings(space="params")``) the logit-space alignment of the same node for comparison.
-EXTRA_RECORD_COLUMNS = ["g_norm", "d_norm", "alignment_logits"]
-# what AlignmentReport.load insists on (every statistic reads these)
-REQUIRED_RECORD_COLUMNS = ["prompt_index", "rollout_index", "position", "config", "alignment", "degenerate",
-                           "rollout_correct", "teacher_advantage", "inner"]
-ROLLOUT_COLUMNS = ["prompt_index", "rollout_index", "prompt", "completion", "completion_ids", "reward", "correct"]
+from opd_callback.report.records import (
+    EXTRA_RECORD_COLUMNS,
+    RECORD_COLUMNS,
+    REQUIRED_RECORD_COLUMNS,
+    ROLLOUT_COLUMNS,
+    SUBSETS,
+)
 
-SUBSETS = ("all", "correct", "incorrect")
 
 
 def bootstrap_mean_ci(
@@ -189,12 +161,12 @@ class AlignmentReport:
 
     def _pooled(self) -> dict:
         """:func:`stats.pooled_metrics` of every subset (computed once per summary)."""
-        from . import stats
+        from opd_callback.report import stats
 
         return {subset: stats.pooled_metrics(self, subset=subset) for subset in SUBSETS}
 
     def _summary(self, pooled: dict) -> pd.DataFrame:
-        from . import stats
+        from opd_callback.report import stats
 
         level = float(self._settings().get("ci_level", 0.95))
         rows = []
@@ -213,12 +185,12 @@ class AlignmentReport:
         """One object per configuration (the ``configs`` of ``summary.json``).
 
         Mean-alignment fields (``alignment_*``, ``ci_*``, ``positive_fraction``, ``degenerate_fraction*``) and the
-        pooled, stake-weighted metrics of :data:`opd_callback.stats.METRICS` -- ``teacher_gain``,
+        pooled, stake-weighted metrics of :data:`opd_callback.report.stats.METRICS` -- ``teacher_gain``,
         ``step_alignment``, ``alignment_weighted``, ``teacher_advantage`` -- each with ``<metric>_ci`` (question
         bootstrap) and, for the decision metric, ``<metric>_correct`` / ``<metric>_incorrect``.
         ``n_questions_valid`` counts questions with at least one non-degenerate node (the evidence behind a CI).
         """
-        from . import stats
+        from opd_callback.report import stats
 
         pooled = self._pooled()
         summ = self._summary(pooled)
@@ -261,7 +233,7 @@ class AlignmentReport:
     def summary_json(self) -> dict:
         """The content of ``summary.json``: ``decision_metric`` (the column of ``configs`` that decides rankings,
         warnings and early stopping), ``metrics`` (what each column means), ``configs`` (:meth:`config_summary`)."""
-        from . import stats
+        from opd_callback.report import stats
 
         return {"decision_metric": stats.DECISION_METRIC, "metrics": dict(stats.METRICS), "configs": self.config_summary()}
 
@@ -269,7 +241,7 @@ class AlignmentReport:
         self, metric: str | None = None, *, reference: str | None = None, subset: str = "all"
     ) -> pd.DataFrame:
         """Configurations sorted by a metric (best first; default the decision metric
-        :data:`opd_callback.stats.DECISION_METRIC`), with paired differences against a reference.
+        :data:`opd_callback.report.stats.DECISION_METRIC`), with paired differences against a reference.
 
         Besides the :meth:`config_summary` columns: ``rank``, ``metric``, ``value`` (the metric), ``reference``,
         ``diff`` (metric minus the reference's, on the same questions), ``diff_ci_low`` / ``diff_ci_high`` (paired
@@ -278,7 +250,7 @@ class AlignmentReport:
         with ``win_fraction`` and ``n_paired``). The reference is ``reference``, else a configuration named
         ``"current"``, else the best one.
         """
-        from . import stats
+        from opd_callback.report import stats
 
         metric = metric or stats.DECISION_METRIC
         df = pd.DataFrame(self.config_summary())
@@ -304,63 +276,63 @@ class AlignmentReport:
         return df
 
     # ------------------------------------------------------------------------------------------------ analyses
-    # (method.md §6; implemented in opd_callback.stats)
+    # (method.md §6; implemented in opd_callback.report.stats)
     def paired_differences(self, reference: str | None = None, subset: str = "all") -> pd.DataFrame:
         """Paired differences of every configuration against a reference: see :func:`stats.paired_differences`."""
-        from . import stats
+        from opd_callback.report import stats
 
         return stats.paired_differences(self, reference=reference, subset=subset)
 
     def oracle_mask_gain(self, per_rollout: bool = False) -> pd.DataFrame:
         """Oracle mask gain ``cos(G, D+) / cos(G, D)`` per configuration x subset (``per_rollout=True``: one row per
-        rollout and configuration). See :func:`opd_callback.stats.oracle_mask_gain`."""
-        from . import stats
+        rollout and configuration). See :func:`opd_callback.report.stats.oracle_mask_gain`."""
+        from opd_callback.report import stats
 
         return stats.oracle_mask_gain_per_rollout(self) if per_rollout else stats.oracle_mask_gain(self)
 
     def correlations(self, proxies: Sequence[str] | None = None, by_window: bool = True) -> pd.DataFrame:
         """Pearson / Spearman correlation of per-node alignment with KL, JS, entropies and position, per
-        configuration x subset x depth window. See :func:`opd_callback.stats.correlations`."""
-        from . import stats
+        configuration x subset x depth window. See :func:`opd_callback.report.stats.correlations`."""
+        from opd_callback.report import stats
 
         return stats.correlations(self, stats.PROXIES if proxies is None else proxies, by_window=by_window)
 
     def by_window(self) -> pd.DataFrame:
         """:meth:`stats` per configuration x subset x exponential depth window."""
-        from . import stats
+        from opd_callback.report import stats
 
         return stats.by_window(self)
 
     def per_question(self) -> pd.DataFrame:
         """One row per question x configuration (mean alignment, success rate, rank of the configuration on that
-        question). See :func:`opd_callback.stats.per_question`."""
-        from . import stats
+        question). See :func:`opd_callback.report.stats.per_question`."""
+        from opd_callback.report import stats
 
         return stats.per_question(self)
 
     def question_winners(self) -> pd.DataFrame:
         """Number of questions on which each configuration has the highest mean alignment."""
-        from . import stats
+        from opd_callback.report import stats
 
         return stats.question_winners(self)
 
     def compare(self, other: "AlignmentReport", names: tuple[str, str] = ("A", "B")) -> pd.DataFrame:
         """This run (``names[0]``) and ``other`` (``names[1]``) side by side: ``other - self`` per configuration with
-        a question-bootstrap CI. See :func:`opd_callback.stats.compare_reports`."""
-        from . import stats
+        a question-bootstrap CI. See :func:`opd_callback.report.stats.compare_reports`."""
+        from opd_callback.report import stats
 
         return stats.compare_reports(self, other, names)
 
     def to_html(self, path: str | Path | None = None, **kwargs: Any) -> str:
-        """The self-contained HTML report (:func:`opd_callback.html_report.build_html`); written to ``path`` if given."""
-        from .html_report import build_html
+        """The self-contained HTML report (:func:`opd_callback.report.html_report.build_html`); written to ``path`` if given."""
+        from opd_callback.report.html_report import build_html
 
         return build_html(self, path, **kwargs)
 
     def format_table(self) -> str:
         """A plain-text table of :meth:`config_summary`, for terminals: the decision metric first, then mean
         alignment (all / correct / incorrect rollouts), positive and degenerate shares, mean A_T, nodes."""
-        from . import stats
+        from opd_callback.report import stats
 
         dm = stats.DECISION_METRIC
         rows = self.config_summary()

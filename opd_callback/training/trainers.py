@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ContextTeacher, ExternalTeacher, TeacherConfig, messages_to_prompt_row
+from opd_callback.core.settings import ContextTeacher, ExternalTeacher, TeacherConfig, messages_to_prompt_row
 
 __all__ = [
     "TrainerSpec",

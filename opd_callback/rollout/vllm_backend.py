@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .rollout import RolloutBackend, next_token_logits, preserved_rng
+from opd_callback.rollout import RolloutBackend, next_token_logits, preserved_rng
 
 __all__ = [
     "VLLMBackend",

@@ -1,0 +1,16 @@
+"""Reports: the record schema, :class:`AlignmentReport` and its statistics, the token heatmap and the HTML report.
+
+Depends on numpy and pandas only (the HTML report loads a tokenizer lazily when asked to decode tokens).
+"""
+
+from opd_callback.report.alignment_report import AlignmentReport, bootstrap_mean_ci
+from opd_callback.report.records import (
+    EXTRA_RECORD_COLUMNS,
+    RECORD_COLUMNS,
+    REQUIRED_RECORD_COLUMNS,
+    ROLLOUT_COLUMNS,
+    SUBSETS,
+)
+
+__all__ = ["AlignmentReport", "EXTRA_RECORD_COLUMNS", "RECORD_COLUMNS", "REQUIRED_RECORD_COLUMNS", "ROLLOUT_COLUMNS",
+           "SUBSETS", "bootstrap_mean_ci"]
