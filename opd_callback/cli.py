@@ -814,7 +814,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prepared), initial=completed, desc=PROG, unit="prompt", dynamic_ncols=True)
-    from opd_callback.core.engine import eval_mode
+    from opd_callback.rollout.base import eval_mode
 
     modes = eval_mode(student, *engine.teacher_models())
     modes.__enter__()

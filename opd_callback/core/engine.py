@@ -33,9 +33,10 @@ from opd_callback.core.settings import (
     messages_to_prompt_row,
 )
 from opd_callback.report import AlignmentReport
+from opd_callback.rollout.base import eval_mode
 from opd_callback.rollout import RolloutBackend, TransformersBackend, eos_token_ids, next_token_logits
 
-__all__ = ["diagnose", "AlignmentEngine", "RewardFunctionError", "select_nodes", "vocab_size", "eval_mode",
+__all__ = ["diagnose", "AlignmentEngine", "RewardFunctionError", "select_nodes", "vocab_size",
            "position_limit"]
 
 logger = logging.getLogger(__name__)
@@ -148,29 +149,6 @@ def _check_reward(out: Any, n: int, name: str) -> list[float]:
             stacklevel=3,
         )
     return vals
-
-
-@contextlib.contextmanager
-def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
-    """Put ``models`` in eval mode for the block, then restore **every** submodule's own ``training`` flag (a model in
-    ``train()`` with one submodule deliberately in ``eval()`` comes back exactly so)."""
-    saved: list[tuple[torch.nn.Module, bool]] = []
-    seen: set[int] = set()
-    for m in models:
-        if m is None:
-            continue
-        for sub in m.modules():
-            if id(sub) not in seen:
-                seen.add(id(sub))
-                saved.append((sub, sub.training))
-    try:
-        for m in models:
-            if m is not None:
-                m.eval()
-        yield
-    finally:
-        for sub, was in saved:
-            sub.training = was
 
 
 def position_limit(model: torch.nn.Module) -> tuple[int | None, bool]:

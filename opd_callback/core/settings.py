@@ -534,3 +534,12 @@ class RolloutSettings:
                 f is None and self.projection_dim is None,
                 "param_filter and projection_dim apply to space='params'; set space='params' or drop them",
             )
+
+
+def settings_dict(settings: RolloutSettings) -> dict[str, Any]:
+    """``settings`` as plain JSON values (tuples become lists, anything else JSON lacks becomes its ``str``): the one
+    form written into a report's metadata, a run directory and the callback's records."""
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(settings), default=str))

@@ -37,6 +37,29 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(py_state)
 
 
+@contextmanager
+def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Put ``models`` in eval mode for the block, then restore **every** submodule's own ``training`` flag (a model in
+    ``train()`` with one submodule deliberately in ``eval()`` comes back exactly so)."""
+    saved: list[tuple[torch.nn.Module, bool]] = []
+    seen: set[int] = set()
+    for m in models:
+        if m is None:
+            continue
+        for sub in m.modules():
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                saved.append((sub, sub.training))
+    try:
+        for m in models:
+            if m is not None:
+                m.eval()
+        yield
+    finally:
+        for sub, was in saved:
+            sub.training = was
+
+
 def eos_token_ids(model: torch.nn.Module | None, tokenizer=None) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the model's ``generation_config.eos_token_id``."""
     ids: list[int] = []
