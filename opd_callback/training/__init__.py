@@ -1,8 +1,9 @@
 """Training integration: the :class:`~opd_callback.training.callback.GradientAlignmentCallback`
 (:mod:`~opd_callback.training.callback`), its schedule (:mod:`~opd_callback.training.schedule`), early stopping
 (:mod:`~opd_callback.training.early_stopping`), state preservation around a diagnostic
-(:mod:`~opd_callback.training.state`), the probe set (:mod:`~opd_callback.training.probe`), trainer adapters (TRL,
-transformers; :mod:`~opd_callback.training.trainers`) and wandb panels (:mod:`~opd_callback.training.wandb_panels`).
+(:mod:`~opd_callback.training.state`), the probe set (:mod:`~opd_callback.training.probe`), one diagnostic over
+several processes (:mod:`~opd_callback.training.ranks`), trainer adapters (TRL, transformers;
+:mod:`~opd_callback.training.trainers`) and wandb panels (:mod:`~opd_callback.training.wandb_panels`).
 
 Needs ``transformers``; ``trl`` and ``wandb`` are optional and imported where used. The two public classes are
 imported lazily, on first access.

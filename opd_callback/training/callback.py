@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,6 +43,7 @@ from opd_callback.core.settings import RolloutSettings, TeacherConfig, check_val
 from opd_callback.core.engine import AlignmentEngine
 from opd_callback.training.early_stopping import AlignmentEarlyStopping
 from opd_callback.training.probe import probe_set
+from opd_callback.training.ranks import Outcome, engine_payload, from_main, gathered_from_ranks, merged_report
 from opd_callback.training.schedule import DiagnosticSchedule
 from opd_callback.training.state import preserved_training_state
 from opd_callback.training.trainers import CURRENT, TrainerSpec, describe_trainer, unwrap
@@ -61,7 +61,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _OWNER = "GradientAlignmentCallback"
-_COUNTERS = ("rollouts", "nodes", "continuations", "tokens", "seconds")
 
 
 class DiagnosticError(RuntimeError):
@@ -84,41 +83,6 @@ def estimate_continuations(settings: RolloutSettings, n_prompts: int, n_configs:
         nodes = min(settings.max_nodes_per_rollout, windows * settings.nodes_per_window, T)
     cands = settings.top_k + n_configs * settings.teacher_top_k + 1
     return int(n_prompts * settings.num_rollouts * nodes * cands * settings.rollouts_per_branch)
-
-
-# ====================================================================================================================
-# several processes
-
-
-def _from_main(value: Any, world: int) -> Any:
-    """The main process's ``value`` on every rank (``value`` itself in a single process)."""
-    if world <= 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
-def _gathered(item: Any, world: int) -> list:
-    """Every rank's ``item``, in rank order."""
-    if world <= 1:
-        return [item]
-    from accelerate.utils import gather_object
-
-    return gather_object([item])
-
-
-@dataclass
-class _Outcome:
-    """What the main process decided after a diagnostic, broadcast to every rank: the scalars to log, whether to stop,
-    the early-stopping counters, or the traceback of a failure."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    stop: bool = False
-    error: str | None = None
-    stopper: dict | None = None
 
 
 # ====================================================================================================================
@@ -196,20 +160,6 @@ def _rollout_provider(trainer: Any, backend: Any, vllm_options: Any) -> Any:
     from opd_callback.rollout.vllm_backend import VLLMBackendProvider
 
     return VLLMBackendProvider(trainer, vllm_options)
-
-
-def _engine_payload(engine: AlignmentEngine, rows: list[dict], mine: list[int]) -> tuple[dict, dict]:
-    """Run ``engine`` on the probe rows of indices ``mine``; returns the picklable payload gathered from every rank
-    (records, rollouts, counters) and the report's metadata (settings and configurations), which stays local."""
-    if not mine:
-        return {"records": [], "rollouts": [], "meta": {}}, {}
-    rep = engine.run([rows[i] for i in mine], indices=mine)
-    payload = {
-        "records": rep.records.to_dict("records"),
-        "rollouts": rep.rollouts.to_dict("records"),
-        "meta": {k: v for k, v in rep.meta.items() if k in _COUNTERS},
-    }
-    return payload, rep.meta
 
 
 # ====================================================================================================================
@@ -521,7 +471,7 @@ class GradientAlignmentCallback(TrainerCallback):
         """On resume: were this step's records written before? (The main process decides, for every rank.)"""
         d = self._records_dir(args)
         found = bool(step > 0 and d is not None and (d / f"step-{step:07d}" / "records.parquet").exists())
-        return _from_main(found, self.world[0])
+        return from_main(found, self.world[0])
 
     def on_step_end(self, args, state, control, **kwargs):
         """Diagnose after this optimizer step when the schedule says so."""
@@ -555,7 +505,7 @@ class GradientAlignmentCallback(TrainerCallback):
             return self._diagnose_now(args, state, control, step, t0)
         finally:
             world, _, main = self.world
-            next_step = _from_main(self.schedule.next_after(step, t0) if main else None, world)
+            next_step = from_main(self.schedule.next_after(step, t0) if main else None, world)
             self.schedule.advance(step, next_step, log=main)
 
     def _diagnose_now(self, args: Any, state: Any, control: Any, step: int, t0: float) -> AlignmentReport | None:
@@ -563,12 +513,12 @@ class GradientAlignmentCallback(TrainerCallback):
         and decide, and apply its decision on every rank."""
         world, _, main = self.world
         share, local_meta = self._score_share(args, step)
-        gathered = _gathered(share, world)
+        gathered = gathered_from_ranks(share, world)
         failed = [(r, e) for r, e, _ in gathered if e]
         if failed:
             return self._failed(args, state, control, failed)
-        report = self._merge([p for _, _, p in gathered], step, local_meta)
-        outcome = _from_main(self._process(report, args, step, t0) if main else _Outcome(), world)
+        report = merged_report([p for _, _, p in gathered], local_meta, step, self.spec)
+        outcome = from_main(self._process(report, args, step, t0) if main else Outcome(), world)
         if outcome.error:
             return self._failed(args, state, control, [(0, outcome.error)])
         self._apply(outcome, args, state, control)
@@ -590,7 +540,7 @@ class GradientAlignmentCallback(TrainerCallback):
             configs, others = None, []
         with preserved_training_state(student, tok, others, getattr(args, "gradient_checkpointing_kwargs", None)):
             try:
-                payload, meta = _engine_payload(self.build_engine(configs), self.probe_rows, mine)
+                payload, meta = engine_payload(self.build_engine(configs), self.probe_rows, mine)
             except Exception:  # noqa: BLE001 - reported below, training continues unless on_error="raise"
                 error = traceback.format_exc()
                 logger.error(
@@ -619,32 +569,6 @@ class GradientAlignmentCallback(TrainerCallback):
                 self.errors,
             )
         return None
-
-    def _merge(self, payloads: list[dict | None], step: int, local_meta: dict) -> AlignmentReport:
-        """One report from every rank's payload, in the order one process would produce (counters summed; seconds:
-        the slowest rank), stamped with ``step`` and the trainer."""
-        records: list[dict] = []
-        rollouts: list[dict] = []
-        meta = {k: v for k, v in local_meta.items() if k not in _COUNTERS}
-        for k in _COUNTERS:
-            meta[k] = 0
-        for p in payloads:
-            if not p:
-                continue
-            records.extend(p["records"])
-            rollouts.extend(p["rollouts"])
-            for k, v in (p.get("meta") or {}).items():
-                if isinstance(v, (int, float)):
-                    meta[k] = max(meta[k], v) if k == "seconds" else meta[k] + v
-        # same order as one process: by prompt, keeping the engine's order inside a prompt (stable sort)
-        records.sort(key=lambda r: int(r["prompt_index"]))
-        rollouts.sort(key=lambda r: (int(r["prompt_index"]), int(r["rollout_index"])))
-        for r in records:
-            r["step"] = step
-        for r in rollouts:
-            r["step"] = step
-        meta.update({"step": step, "trainer": self.spec.trainer_name, "current": self.spec.description or None})
-        return AlignmentReport(records, rollouts, meta)
 
     def scalars(self, report: AlignmentReport, seconds: float,
                 summary: Sequence[dict] | None = None) -> dict[str, float]:
@@ -678,7 +602,7 @@ class GradientAlignmentCallback(TrainerCallback):
         put("opd/seconds", seconds)
         return out
 
-    def _process(self, report: AlignmentReport, args: Any, step: int, t0: float) -> _Outcome:
+    def _process(self, report: AlignmentReport, args: Any, step: int, t0: float) -> Outcome:
         """Main process: save the records, decide early stopping, log the wandb panels and compute the scalars. A
         failure here is returned (as a traceback) for every rank to count."""
         try:
@@ -694,14 +618,14 @@ class GradientAlignmentCallback(TrainerCallback):
         except Exception:  # noqa: BLE001
             error = traceback.format_exc()
             logger.error("GradientAlignmentCallback: processing the diagnostic at step %d failed:\n%s", step, error)
-            return _Outcome(error=error)
+            return Outcome(error=error)
 
-    def _early_stopping_decision(self, report: AlignmentReport, summary: Sequence[dict], step: int) -> _Outcome:
+    def _early_stopping_decision(self, report: AlignmentReport, summary: Sequence[dict], step: int) -> Outcome:
         """Main process: feed the diagnostic to the early stopping (if any), log its message and the "beats"
         warnings (WARNING the first time a configuration beats the watched one, INFO when it repeats)."""
         es = self.early_stopping
         if es is None:
-            return _Outcome()
+            return Outcome()
         decision = es.update(step, summary, report)
         logger.log(logging.WARNING if decision["stop"] else logging.INFO, decision["message"])
         if es.warn_if_beaten:
@@ -711,9 +635,9 @@ class GradientAlignmentCallback(TrainerCallback):
                 logger.log(level, "GradientAlignmentCallback at step %d: %s", step, es.beaten_message(b))
         stop = bool(decision["stop"])
         metrics = {"opd/early_stopping/bad_count": float(es.bad_count), "opd/early_stopping/stop": 1.0 if stop else 0.0}
-        return _Outcome(metrics=metrics, stop=stop, stopper=dict(es.state()["attributes"]))
+        return Outcome(metrics=metrics, stop=stop, stopper=dict(es.state()["attributes"]))
 
-    def _apply(self, outcome: _Outcome, args: Any, state: Any, control: Any) -> None:
+    def _apply(self, outcome: Outcome, args: Any, state: Any, control: Any) -> None:
         """Every rank: take the main process's early-stopping counters, log the scalars, stop training when decided."""
         if self.early_stopping is not None and outcome.stopper is not None:
             for k, v in outcome.stopper.items():
