@@ -50,7 +50,7 @@ __all__ = [
 
 _LAZY = {
     "GradientAlignmentCallback": "opd_callback.training.callback",
-    "AlignmentEarlyStopping": "opd_callback.training.callback",
+    "AlignmentEarlyStopping": "opd_callback.training.early_stopping",
 }
 
 

@@ -458,7 +458,7 @@ def test_time_budget_schedule(tmp_path):
     run.add_callback(cb)
     run.train()
     assert [h["step"] for h in cb.history] == [2, 3, 4, 5]
-    assert cb._diag_seconds > 0 and cb._train_seconds > 0
+    assert cb.schedule.diag_seconds > 0 and cb.schedule.train_seconds > 0
     # a budget so small that, after the first diagnostic, none fits (not even the end-of-run one)
     run, _ = _trainer(tmp_path / "small", max_steps=6)
     cb = oc.GradientAlignmentCallback(
@@ -467,10 +467,11 @@ def test_time_budget_schedule(tmp_path):
     run.add_callback(cb)
     run.train()
     assert [h["step"] for h in cb.history] == [2]
-    assert cb._next_step > 6
+    assert cb.schedule.next_step > 6
     # the schedule obeys the budget: (diagnostic time + one more) <= max_overhead * training time at the next step
-    per_step = cb._train_seconds / cb._train_steps
-    assert cb._diag_seconds * 2 <= 1e-6 * (cb._train_seconds + per_step * (cb._next_step - 2)) * 1.0001
+    sched = cb.schedule
+    per_step = sched.train_seconds / sched.train_steps
+    assert sched.diag_seconds * 2 <= 1e-6 * (sched.train_seconds + per_step * (sched.next_step - 2)) * 1.0001
     with pytest.raises(ValueError, match="max_overhead"):
         oc.GradientAlignmentCallback(run, reward_fn=accuracy_reward, max_overhead=0)
 

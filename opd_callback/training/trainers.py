@@ -128,7 +128,8 @@ class SDFTTopKLoss:
         self.alpha = float(alpha)
         self.add_tail = bool(add_tail)
         self.temperature = float(temperature)
-        self.__name__ = f"sdft_topk(k={self.top_k}, alpha={self.alpha:g}, tail={'bucket' if self.add_tail else 'renorm'})"
+        tail = "bucket" if self.add_tail else "renorm"
+        self.__name__ = f"sdft_topk(k={self.top_k}, alpha={self.alpha:g}, tail={tail})"
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         from trl.experimental.sdft.loss_utils import compute_topk_self_distillation_loss
@@ -216,7 +217,7 @@ def describe_trainer(trainer: Any) -> TrainerSpec:
     name = type(trainer).__name__
     for refused, why in REFUSALS.items():
         if _trl_class(trainer, refused):
-            return TrainerSpec(kind="refused", trainer_name=name, refusal=why)
+            return _refused(name, why)
     args = getattr(trainer, "args", None)
     if _trl_class(trainer, "GKDTrainer"):
         return _describe_gkd(trainer, args, name)
@@ -227,18 +228,30 @@ def describe_trainer(trainer: Any) -> TrainerSpec:
     return TrainerSpec(kind="plain", trainer_name=name)
 
 
+def _refused(name: str, why: str) -> TrainerSpec:
+    """A trainer whose current configuration cannot be derived, and why."""
+    return TrainerSpec(kind="refused", trainer_name=name, refusal=why)
+
+
+def _teacher_model_config(trainer: Any, teacher: torch.nn.Module, beta: float,
+                          temperature: float) -> tuple[TeacherConfig, str]:
+    """``current`` for a trainer distilling from its ``teacher_model`` with TRL's ``beta`` convention, and the
+    divergence's name."""
+    div, b = divergence_for_beta(beta)
+    cfg = TeacherConfig(CURRENT, ExternalTeacher(unwrap(trainer, teacher)), divergence=div, beta=b,
+                        temperature=temperature)
+    return cfg, div
+
+
 def _describe_distillation(trainer: Any, args: Any, name: str) -> TrainerSpec:
+    """``trl.DistillationTrainer``: its ``teacher_model``, ``beta`` and loss ``temperature``."""
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is None:
-        return TrainerSpec(
-            kind="refused",
-            trainer_name=name,
-            refusal=f"{name} has no local teacher_model (a remote teacher?); alignment needs a local teacher.",
-        )
+        return _refused(name, f"{name} has no local teacher_model (a remote teacher?); alignment needs a local "
+                              "teacher.")
     beta = float(getattr(trainer, "beta", getattr(args, "beta", 1.0)))
     temp = float(getattr(trainer, "temperature", getattr(args, "temperature", 1.0)))
-    div, b = divergence_for_beta(beta)
-    cfg = TeacherConfig(CURRENT, ExternalTeacher(unwrap(trainer, teacher)), divergence=div, beta=b, temperature=temp)
+    cfg, div = _teacher_model_config(trainer, teacher, beta, temp)
     notes = _user_subclass_note(trainer, "DistillationTrainer")
     trunc = []
     if getattr(args, "top_k", 0) not in (0, None):
@@ -252,25 +265,19 @@ def _describe_distillation(trainer: Any, args: Any, name: str) -> TrainerSpec:
             f"{name} samples with {', '.join(trunc)}; the diagnostic samples the untruncated softmax(z/tau) that its "
             "formulas assume (method.md §1)."
         )
-    return TrainerSpec(
-        kind="distillation",
-        trainer_name=name,
-        current=cfg,
-        sampling_temperature=temp,
-        max_new_tokens=getattr(args, "max_completion_length", None),
-        description=f"{name}.teacher_model, {div} (TRL beta={beta:g}), temperature={temp:g}",
-        notes=notes,
-    )
+    description = f"{name}.teacher_model, {div} (TRL beta={beta:g}), temperature={temp:g}"
+    return TrainerSpec("distillation", name, cfg, sampling_temperature=temp, description=description, notes=notes,
+                       max_new_tokens=getattr(args, "max_completion_length", None))
 
 
 def _describe_gkd(trainer: Any, args: Any, name: str) -> TrainerSpec:
+    """``trl.experimental.gkd.GKDTrainer``: its ``teacher_model`` and ``beta``; the loss temperature is 1.0."""
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is None:
-        return TrainerSpec(kind="refused", trainer_name=name, refusal=f"{name} has no teacher_model")
+        return _refused(name, f"{name} has no teacher_model")
     beta = float(getattr(trainer, "beta", getattr(args, "beta", 0.5)))
-    div, b = divergence_for_beta(beta)
     # GKDTrainer.compute_loss calls generalized_jsd_loss(..., beta=self.beta) without temperature: the loss is at 1.0.
-    cfg = TeacherConfig(CURRENT, ExternalTeacher(unwrap(trainer, teacher)), divergence=div, beta=b, temperature=1.0)
+    cfg, div = _teacher_model_config(trainer, teacher, beta, 1.0)
     notes = _user_subclass_note(trainer, "GKDTrainer")
     lmbda = float(getattr(trainer, "lmbda", getattr(args, "lmbda", 1.0)))
     if lmbda < 1.0:
@@ -284,60 +291,53 @@ def _describe_gkd(trainer: Any, args: Any, name: str) -> TrainerSpec:
             f"{name} samples at temperature {samp:g} but its loss uses temperature 1.0 (generalized_jsd_loss is "
             "called without it); 'current' uses 1.0 like the loss."
         )
-    return TrainerSpec(
-        kind="gkd",
-        trainer_name=name,
-        current=cfg,
-        sampling_temperature=samp,
-        max_new_tokens=getattr(args, "max_new_tokens", None),
-        prepare_example=messages_to_prompt_row,
-        description=f"{name}.teacher_model, {div} (TRL beta={beta:g}), loss temperature 1.0",
-        notes=notes,
-    )
+    description = f"{name}.teacher_model, {div} (TRL beta={beta:g}), loss temperature 1.0"
+    return TrainerSpec("gkd", name, cfg, sampling_temperature=samp, description=description, notes=notes,
+                       max_new_tokens=getattr(args, "max_new_tokens", None), prepare_example=messages_to_prompt_row)
 
 
-def _describe_sdft(trainer: Any, args: Any, name: str) -> TrainerSpec:
-    kind = getattr(args, "teacher_model_kind", "base")
+def _sdft_teacher(trainer: Any, name: str, kind: str) -> tuple[torch.nn.Module | None, str]:
+    """The SDFT teacher's model for ``teacher_model_kind`` ``kind`` (None: the live student) and who it is: the
+    frozen or EMA copy, or for a PEFT student the same model routed through the trainer's own adapter context."""
+    if kind == "live":
+        return None, "the live student"
     student = unwrap(trainer, trainer.model)
     teacher_attr = getattr(trainer, "teacher_model", None)
-    teacher_model: torch.nn.Module | None
-    if kind == "live":
-        teacher_model = None  # the live student
-        who = "the live student"
-    elif _is_peft(student) and (teacher_attr is None or unwrap(trainer, teacher_attr) is student):
+    if _is_peft(student) and (teacher_attr is None or unwrap(trainer, teacher_attr) is student):
         ctx = getattr(trainer, "_get_teacher_context_for_self_distillation", None)
         if ctx is None:  # pragma: no cover - older/newer TRL
             if kind != "base":
                 raise ValueError(f"{name}: cannot route the PEFT student to its {kind!r} teacher adapter")
             ctx = student.disable_adapter
-        teacher_model = RoutedModel(student, ctx, label=f"sdft-{kind}-adapter")
-        who = "the student's base weights (adapter disabled)" if kind == "base" else "the student's EMA 'teacher' adapter"
-    else:
-        if teacher_attr is None:
-            raise ValueError(f"{name}: teacher_model_kind={kind!r} but trainer.teacher_model is None")
-        teacher_model = unwrap(trainer, teacher_attr)
-        who = "the initial student (frozen copy)" if kind == "base" else "the EMA copy of the student"
-    template = getattr(args, "teacher_prompt_template", "{prompt}\n\n{privileged_context}")
+        who = "the student's base weights (adapter disabled)" if kind == "base" else \
+            "the student's EMA 'teacher' adapter"
+        return RoutedModel(student, ctx, label=f"sdft-{kind}-adapter"), who
+    if teacher_attr is None:
+        raise ValueError(f"{name}: teacher_model_kind={kind!r} but trainer.teacher_model is None")
+    who = "the initial student (frozen copy)" if kind == "base" else "the EMA copy of the student"
+    return unwrap(trainer, teacher_attr), who
+
+
+def _sdft_divergence(args: Any, name: str, temperature: float) -> tuple[Any, float | None, str]:
+    """The SDFT ``distillation_mode``'s divergence, its beta, and a description."""
     mode = getattr(args, "distillation_mode", "topk_logits")
     alpha = float(getattr(args, "distillation_alpha", 0.5))
-    temp = float(getattr(args, "temperature", 1.0))
     if mode == "full_logits":
         div, b = divergence_for_beta(alpha)
-        divergence: Any = div
-        desc = f"{div} (distillation_alpha={alpha:g})"
-    elif mode == "sampled_token":
-        divergence, b, desc = "sampled_token", None, "sampled_token (REINFORCE on log Q(y) - log P(y))"
-    elif mode == "topk_logits":
+        return div, b, f"{div} (distillation_alpha={alpha:g})"
+    if mode == "sampled_token":
+        return "sampled_token", None, "sampled_token (REINFORCE on log Q(y) - log P(y))"
+    if mode == "topk_logits":
         k = getattr(args, "distillation_topk", 100)
         if k is None:
             raise ValueError(f"{name}: distillation_mode='topk_logits' requires distillation_topk to be set")
-        divergence = SDFTTopKLoss(int(k), alpha, bool(getattr(args, "distillation_add_tail", False)), temp)
-        b, desc = None, divergence.__name__
-    else:
-        raise ValueError(f"{name}: unknown distillation_mode {mode!r}")
-    cfg = TeacherConfig(
-        CURRENT, ContextTeacher(template, model=teacher_model), divergence=divergence, beta=b, temperature=temp
-    )
+        loss = SDFTTopKLoss(int(k), alpha, bool(getattr(args, "distillation_add_tail", False)), temperature)
+        return loss, None, loss.__name__
+    raise ValueError(f"{name}: unknown distillation_mode {mode!r}")
+
+
+def _sdft_notes(trainer: Any, args: Any, name: str) -> list[str]:
+    """Where the diagnostic necessarily differs from an SDFT trainer."""
     notes = _user_subclass_note(trainer, "SDFTTrainer")
     skip = int(getattr(args, "num_loss_tokens_to_skip", 0) or 0)
     if skip > 0:
@@ -355,22 +355,36 @@ def _describe_sdft(trainer: Any, args: Any, name: str) -> TrainerSpec:
             f"{name} scores the teacher on a server returning top-k log-probabilities; the diagnostic evaluates the "
             "same (live) weights locally with full logits."
         )
-    builder = getattr(trainer, "teacher_context_builder", None)
-    stringify = getattr(builder, "_stringify_privileged_context", None)
+    return notes
 
-    def prepare(row: dict) -> dict:
+
+class _SDFTExample:
+    """Maps a probe row as an SDFT trainer does: chat ``messages`` -> ``prompt``, and ``privileged_context``
+    stringified by the trainer's teacher-context builder (when it has one)."""
+
+    def __init__(self, trainer: Any) -> None:
+        builder = getattr(trainer, "teacher_context_builder", None)
+        self.stringify = getattr(builder, "_stringify_privileged_context", None)
+
+    def __call__(self, row: dict) -> dict:
         row = messages_to_prompt_row(row)
-        if stringify is not None and "privileged_context" in row and row["privileged_context"] is not None:
-            row = {**row, "privileged_context": stringify(row["privileged_context"])}
+        if self.stringify is not None and "privileged_context" in row and row["privileged_context"] is not None:
+            row = {**row, "privileged_context": self.stringify(row["privileged_context"])}
         return row
 
-    return TrainerSpec(
-        kind="sdft",
-        trainer_name=name,
-        current=cfg,
-        sampling_temperature=temp,
-        max_new_tokens=getattr(args, "max_completion_length", None),
-        prepare_example=prepare,
-        description=f"{who} prompted with {template!r}, {desc}, temperature={temp:g} (teacher_model_kind={kind!r})",
-        notes=notes,
+
+def _describe_sdft(trainer: Any, args: Any, name: str) -> TrainerSpec:
+    """``trl.experimental.sdft.SDFTTrainer``: the teacher selected by ``teacher_model_kind``, prompted with
+    ``teacher_prompt_template``, and the divergence of its ``distillation_mode``."""
+    kind = getattr(args, "teacher_model_kind", "base")
+    teacher_model, who = _sdft_teacher(trainer, name, kind)
+    template = getattr(args, "teacher_prompt_template", "{prompt}\n\n{privileged_context}")
+    temp = float(getattr(args, "temperature", 1.0))
+    divergence, b, desc = _sdft_divergence(args, name, temp)
+    cfg = TeacherConfig(
+        CURRENT, ContextTeacher(template, model=teacher_model), divergence=divergence, beta=b, temperature=temp
     )
+    description = f"{who} prompted with {template!r}, {desc}, temperature={temp:g} (teacher_model_kind={kind!r})"
+    return TrainerSpec("sdft", name, cfg, sampling_temperature=temp, description=description,
+                       notes=_sdft_notes(trainer, args, name), prepare_example=_SDFTExample(trainer),
+                       max_new_tokens=getattr(args, "max_completion_length", None))

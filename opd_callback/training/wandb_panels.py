@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+from opd_callback.report.numeric import finite_or_none
+
 __all__ = ["wandb_active", "WandbPanels"]
 
 TABLE_KEY = "opd/tokens"
@@ -28,14 +30,6 @@ def wandb_active(args: Any) -> bool:
     except ImportError:
         return False
     return wandb.run is not None
-
-
-def _num(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) or math.isinf(v) else v
 
 
 class WandbPanels:
@@ -93,18 +87,18 @@ class WandbPanels:
                     key[2],
                     str(r["token"]),
                     bool(r["rollout_correct"]),
-                    _num(r["rollout_reward"]),
-                    _num(r["value"]),
-                    _num(r["covered_mass"]),
-                    _num(r["student_entropy"]),
+                    finite_or_none(r["rollout_reward"]),
+                    finite_or_none(r["value"]),
+                    finite_or_none(r["covered_mass"]),
+                    finite_or_none(r["student_entropy"]),
                 ] + [None] * (3 * len(self.configs))
                 rows[key] = row
             i = slots.get(r["config"])
             if i is None:
                 continue
             deg = bool(r["degenerate"])
-            row[base + 3 * i] = None if deg else _num(r["alignment"])
-            row[base + 3 * i + 1] = _num(r["teacher_advantage"])
+            row[base + 3 * i] = None if deg else finite_or_none(r["alignment"])
+            row[base + 3 * i + 1] = finite_or_none(r["teacher_advantage"])
             row[base + 3 * i + 2] = deg
         return [rows[k] for k in sorted(rows)]
 
