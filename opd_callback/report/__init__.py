@@ -3,7 +3,8 @@
 Depends on numpy and pandas only (the HTML report loads a tokenizer lazily when asked to decode tokens).
 """
 
-from opd_callback.report.alignment_report import AlignmentReport, bootstrap_mean_ci
+from opd_callback.report.alignment_report import AlignmentReport
+from opd_callback.report.bootstrap import bootstrap_mean_ci
 from opd_callback.report.records import (
     EXTRA_RECORD_COLUMNS,
     RECORD_COLUMNS,

@@ -17,6 +17,17 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from opd_callback.report.bootstrap import (
+    BootstrapSettings,
+    bootstrap_means,
+    bootstrap_p,
+    bootstrap_settings,
+    group_weights,
+    percentile_ci,
+)
+from opd_callback.report.numeric import as_float
+from opd_callback.report.records import SUBSETS
+
 __all__ = [
     "DECISION_METRIC",
     "METRICS",
@@ -26,6 +37,7 @@ __all__ = [
     "metric_differences",
     "PROXIES",
     "SUBSETS",
+    "subset_rows",
     "bootstrap_means",
     "percentile_ci",
     "paired_differences",
@@ -42,25 +54,11 @@ __all__ = [
     "node_key",
 ]
 
-SUBSETS = ("all", "correct", "incorrect")
 PROXIES = ("kl_reverse", "kl_forward", "js", "student_entropy", "teacher_entropy", "position")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _settings(report: Any) -> dict:
-    return dict(getattr(report, "meta", {}) or {}).get("settings", {}) or {}
-
-
-def _boot_args(report: Any, samples: int | None, level: float | None, seed: int | None) -> tuple[int, float, int]:
-    s = _settings(report)
-    return (
-        int(s.get("bootstrap_samples", 1000)) if samples is None else int(samples),
-        float(s.get("ci_level", 0.95)) if level is None else float(level),
-        int(s.get("seed", 0)) if seed is None else int(seed),
-    )
 
 
 def node_key(df: pd.DataFrame) -> list[str]:
@@ -74,7 +72,8 @@ def _rollout_key(df: pd.DataFrame) -> list[str]:
     return (["step"] + key) if "step" in df.columns else key
 
 
-def _subset(df: pd.DataFrame, subset: str) -> pd.DataFrame:
+def subset_rows(df: pd.DataFrame, subset: str) -> pd.DataFrame:
+    """The rows of ``df`` on a subset of rollouts: ``"all"``, ``"correct"`` or ``"incorrect"`` (``rollout_correct``)."""
     if subset == "all":
         return df
     if subset not in SUBSETS:
@@ -105,14 +104,6 @@ def window_label(w: int) -> str:
     return f"[{lo},{hi})"
 
 
-def _f(x: Any) -> float:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-    return x
-
-
 def _reference(names: Sequence[str], reference: str | None, scores: dict[str, float]) -> str | None:
     """The reference of a paired comparison: ``reference`` when given (it must be a configuration), else
     ``"current"`` when scored, else the configuration with the highest finite score (else the first, if any)."""
@@ -127,67 +118,50 @@ def _reference(names: Sequence[str], reference: str | None, scores: dict[str, fl
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# bootstrap
-
-
-def _group_weights(n_groups: int, samples: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=samples).astype(np.float64)
-
-
-def bootstrap_means(
-    values: np.ndarray, groups: np.ndarray, *, samples: int = 1000, seed: int = 0
-) -> np.ndarray:
-    """Bootstrap distribution of the node-level mean when whole groups (questions) are resampled with replacement.
-
-    Uses the same random stream as :func:`opd_callback.report.bootstrap_mean_ci`, so the percentile interval of the
-    result equals that function's interval.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    groups = np.asarray(groups)
-    if values.size == 0 or samples <= 0:
-        return np.zeros(0)
-    uniq, inv = np.unique(groups, return_inverse=True)
-    q = len(uniq)
-    sums = np.bincount(inv, weights=values, minlength=q)
-    counts = np.bincount(inv, minlength=q).astype(np.float64)
-    w = _group_weights(q, samples, seed)
-    den = w @ counts
-    ok = den > 0
-    return (w[ok] @ sums) / den[ok]
-
-
-def percentile_ci(boot: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    boot = np.asarray(boot, dtype=np.float64)
-    boot = boot[np.isfinite(boot)]
-    if boot.size == 0:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    lo, hi = np.quantile(boot, [a, 1 - a])
-    return float(lo), float(hi)
-
-
-def _boot_p(boot: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of "the mean is 0": twice the smaller tail mass at 0."""
-    boot = np.asarray(boot, dtype=np.float64)
-    boot = boot[np.isfinite(boot)]
-    if boot.size == 0:
-        return float("nan")
-    return float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())))
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # ranking with paired differences
 
 
+_PAIRED_COLUMNS = ["config", "reference", "mean", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
+                   "win_fraction", "n_paired", "n_paired_questions"]
+
+
+def _significant(lo: float, hi: float) -> bool:
+    """A difference is significant when its interval is finite and excludes 0."""
+    return bool(math.isfinite(lo) and (lo > 0 or hi < 0))
+
+
+def _paired_alignment(wide: pd.DataFrame | None, config: str, reference: str) -> pd.DataFrame:
+    """At every node where both are non-degenerate: ``d`` = alignment of ``config`` minus the reference's, and the
+    node's ``prompt_index``."""
+    if wide is None or config not in wide.columns or reference not in wide.columns:
+        return pd.DataFrame(columns=["d", "prompt_index"])
+    both = wide[[config, reference]].dropna()
+    return pd.DataFrame({"d": both[config].to_numpy() - both[reference].to_numpy(),
+                         "prompt_index": both.index.get_level_values("prompt_index")})
+
+
+def _paired_row(pair: pd.DataFrame, boot: BootstrapSettings) -> dict:
+    """The mean of the paired differences ``pair["d"]`` with its question-bootstrap CI, p-value and win share."""
+    d = pair["d"].to_numpy(dtype=np.float64)
+    dist = bootstrap_means(d, pair["prompt_index"].to_numpy(), samples=boot.samples, seed=boot.seed)
+    lo, hi = percentile_ci(dist, boot.level)
+    return {"diff": float(d.mean()) if d.size else float("nan"), "diff_ci_low": lo, "diff_ci_high": hi,
+            "p_value": bootstrap_p(dist), "significant": _significant(lo, hi),
+            "win_fraction": float((d > 0).mean()) if d.size else float("nan"), "n_paired": int(d.size),
+            "n_paired_questions": int(pair["prompt_index"].nunique())}
+
+
+def _reference_row(rec: pd.DataFrame, reference: str) -> dict:
+    """The reference against itself: difference 0, no interval, every valid node of it "paired"."""
+    own = rec[rec["config"] == reference]
+    return {"diff": 0.0, "diff_ci_low": float("nan"), "diff_ci_high": float("nan"), "p_value": float("nan"),
+            "significant": False, "win_fraction": float("nan"), "n_paired": int(len(own)),
+            "n_paired_questions": int(own["prompt_index"].nunique())}
+
+
 def paired_differences(
-    report: Any,
-    *,
-    reference: str | None = None,
-    subset: str = "all",
-    samples: int | None = None,
-    level: float | None = None,
-    seed: int | None = None,
+    report: Any, *, reference: str | None = None, subset: str = "all",
+    samples: int | None = None, level: float | None = None, seed: int | None = None,
 ) -> pd.DataFrame:
     """Each configuration's mean alignment minus the reference's, on the **same nodes** (paired).
 
@@ -200,52 +174,19 @@ def paired_differences(
     significant, win_fraction`` (share of paired nodes where the configuration beats the reference), ``n_paired``,
     ``n_paired_questions``.
     """
-    samples, level, seed = _boot_args(report, samples, level, seed)
+    boot = bootstrap_settings(report, samples, level, seed)
     names = _configs(report)
-    rec = _valid(_subset(report.records, subset))
-    key = node_key(rec)
-    means = {n: _f(rec.loc[rec["config"] == n, "alignment"].astype(float).mean()) for n in names}
+    rec = _valid(subset_rows(report.records, subset))
+    means = {n: as_float(rec.loc[rec["config"] == n, "alignment"].astype(float).mean()) for n in names}
     reference = _reference(names, reference, means)
-    cols = [
-        "config", "reference", "mean", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
-        "win_fraction", "n_paired", "n_paired_questions",
-    ]
     if reference is None:
-        return pd.DataFrame(columns=cols)
-    wide = rec.pivot_table(index=key, columns="config", values="alignment", aggfunc="first") if len(rec) else None
-    rows = []
-    for n in names:
-        row = {"config": n, "reference": reference, "mean": means[n]}
-        if n == reference:
-            row.update(diff=0.0, diff_ci_low=float("nan"), diff_ci_high=float("nan"), p_value=float("nan"),
-                       significant=False, win_fraction=float("nan"))
-            cnt = int(rec["config"].eq(n).sum())
-            row.update(n_paired=cnt, n_paired_questions=int(rec.loc[rec["config"] == n, "prompt_index"].nunique()))
-            rows.append(row)
-            continue
-        if wide is None or n not in wide.columns or reference not in wide.columns:
-            pair = pd.DataFrame(columns=["d", "prompt_index"])
-        else:
-            both = wide[[n, reference]].dropna()
-            pair = pd.DataFrame(
-                {"d": both[n].to_numpy() - both[reference].to_numpy(),
-                 "prompt_index": both.index.get_level_values("prompt_index")}
-            )
-        d = pair["d"].to_numpy(dtype=np.float64)
-        boot = bootstrap_means(d, pair["prompt_index"].to_numpy(), samples=samples, seed=seed)
-        lo, hi = percentile_ci(boot, level)
-        row.update(
-            diff=float(d.mean()) if d.size else float("nan"),
-            diff_ci_low=lo,
-            diff_ci_high=hi,
-            p_value=_boot_p(boot),
-            significant=bool(math.isfinite(lo) and (lo > 0 or hi < 0)),
-            win_fraction=float((d > 0).mean()) if d.size else float("nan"),
-            n_paired=int(d.size),
-            n_paired_questions=int(pair["prompt_index"].nunique()),
-        )
-        rows.append(row)
-    return pd.DataFrame(rows, columns=cols)
+        return pd.DataFrame(columns=_PAIRED_COLUMNS)
+    wide = rec.pivot_table(index=node_key(rec), columns="config", values="alignment", aggfunc="first") \
+        if len(rec) else None
+    rows = [{"config": n, "reference": reference, "mean": means[n],
+             **(_reference_row(rec, n) if n == reference else _paired_row(_paired_alignment(wide, n, reference), boot))}
+            for n in names]
+    return pd.DataFrame(rows, columns=_PAIRED_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -257,7 +198,8 @@ def _need_norms(df: pd.DataFrame) -> None:
     if missing:
         raise ValueError(
             f"these records have no {missing} column(s): the oracle mask gain needs each node's inner product and "
-            "norms (recorded since opd-callback 0.1 with issue 4); rerun the diagnostic to get them"
+            "norms |g|, |d| (the g_norm / d_norm columns, which records of older versions lack); rerun the diagnostic "
+            "to get them"
         )
 
 
@@ -266,8 +208,8 @@ def oracle_mask_gain_per_rollout(report: Any) -> pd.DataFrame:
 
     ``G`` / ``D`` concatenate the rollout's per-node ideal gradients / distillation directions; ``D+`` keeps only the
     nodes with positive alignment (``inner > 0``). From scalars: ``cos(G, D) = Σ inner / sqrt(Σ|g|² Σ|d|²)`` and
-    ``cos(G, D+) = Σ_{inner>0} inner / sqrt(Σ|g|² Σ_{inner>0} |d|²)``. ``gain`` is NaN when ``cos(G, D) <= 0`` (the ratio
-    has no meaning there) and ``cos_masked`` is NaN when no node has positive alignment.
+    ``cos(G, D+) = Σ_{inner>0} inner / sqrt(Σ|g|² Σ_{inner>0} |d|²)``. ``gain`` is NaN when ``cos(G, D) <= 0`` (the
+    ratio has no meaning there) and ``cos_masked`` is NaN when no node has positive alignment.
     """
     rec = report.records
     cols = _rollout_key(rec) + ["config", "rollout_correct", "n_nodes", "n_positive", "cos_full", "cos_masked", "gain"]
@@ -317,13 +259,13 @@ def oracle_mask_gain(
     rollouts with ``cos(G, D) > 0``), ``cos_full``, ``cos_masked`` (means), ``masked_fraction`` (share of nodes the
     oracle drops), ``n_rollouts``, ``n_questions``.
     """
-    samples, level, seed = _boot_args(report, samples, level, seed)
+    samples, level, seed = bootstrap_settings(report, samples, level, seed)
     per = oracle_mask_gain_per_rollout(report)
     rows = []
     for name in _configs(report):
         part = per[per["config"] == name]
         for subset in SUBSETS:
-            p = _subset(part, subset)
+            p = subset_rows(part, subset)
             both = p[np.isfinite(p["cos_full"].astype(float)) & np.isfinite(p["cos_masked"].astype(float))]
             cf = both["cos_full"].to_numpy(dtype=np.float64)
             cm = both["cos_masked"].to_numpy(dtype=np.float64)
@@ -384,7 +326,8 @@ def _node_terms(df: pd.DataFrame) -> pd.DataFrame:
     """Per (node, configuration) row: the terms whose per-question sums give every metric of :data:`METRICS`."""
     out = pd.DataFrame({"prompt_index": df["prompt_index"].to_numpy(), "config": df["config"].to_numpy()})
     num = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=np.float64) if c in df.columns
-           else np.full(len(df), np.nan) for c in ("alignment", "inner", "g_norm", "d_norm", "teacher_advantage", "value")}
+           else np.full(len(df), np.nan)
+           for c in ("alignment", "inner", "g_norm", "d_norm", "teacher_advantage", "value")}
     deg = df["degenerate"].astype(bool).to_numpy() if len(df) else np.zeros(0, bool)
     valid = ~deg & np.isfinite(num["alignment"])
     a = np.where(valid, num["alignment"], 0.0)
@@ -430,10 +373,11 @@ class PooledMetrics:
     """
 
     def __init__(self, records: pd.DataFrame, configs: Sequence[str], *, samples: int = 1000, seed: int = 0) -> None:
-        terms = _node_terms(records) if len(records) else pd.DataFrame(columns=["prompt_index", "config", *_SUM_COLUMNS])
+        terms = _node_terms(records) if len(records) \
+            else pd.DataFrame(columns=["prompt_index", "config", *_SUM_COLUMNS])
         self.questions = np.unique(terms["prompt_index"].to_numpy()) if len(terms) else np.zeros(0)
         q = len(self.questions)
-        self.weights = _group_weights(q, samples, seed) if q and samples > 0 else np.zeros((0, q))
+        self.weights = group_weights(q, samples, seed) if q and samples > 0 else np.zeros((0, q))
         self.point: dict[str, dict[str, float]] = {}
         self.boot: dict[str, dict[str, np.ndarray]] = {}
         self.n_questions: dict[str, int] = {}
@@ -456,7 +400,7 @@ class PooledMetrics:
         diff = self.point[config][metric] - self.point[reference][metric]
         boot = self.boot[config][metric] - self.boot[reference][metric]
         lo, hi = percentile_ci(boot, level)
-        return {"diff": float(diff), "diff_ci_low": lo, "diff_ci_high": hi, "p_value": _boot_p(boot)}
+        return {"diff": float(diff), "diff_ci_low": lo, "diff_ci_high": hi, "p_value": bootstrap_p(boot)}
 
 
 def pooled_metrics(
@@ -467,8 +411,8 @@ def pooled_metrics(
     seed: int | None = None,
 ) -> PooledMetrics:
     """:class:`PooledMetrics` of a report's ``subset`` of rollouts (``"all"``, ``"correct"``, ``"incorrect"``)."""
-    samples, _, seed = _boot_args(report, samples, None, seed)
-    return PooledMetrics(_subset(report.records, subset), _configs(report), samples=samples, seed=seed)
+    samples, _, seed = bootstrap_settings(report, samples, None, seed)
+    return PooledMetrics(subset_rows(report.records, subset), _configs(report), samples=samples, seed=seed)
 
 
 def metric_table(
@@ -478,7 +422,7 @@ def metric_table(
 
     Columns: ``config, subset, metric, value, ci_low, ci_high, n_questions``.
     """
-    samples, level, seed = _boot_args(report, samples, level, seed)
+    samples, level, seed = bootstrap_settings(report, samples, level, seed)
     rows = []
     for subset in SUBSETS:
         pm = pooled_metrics(report, subset=subset, samples=samples, seed=seed)
@@ -508,7 +452,7 @@ def metric_differences(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
-    samples, level, seed = _boot_args(report, samples, level, seed)
+    samples, level, seed = bootstrap_settings(report, samples, level, seed)
     names = _configs(report)
     pm = pooled_metrics(report, subset=subset, samples=samples, seed=seed)
     cols = ["config", "reference", "metric", "value", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
@@ -522,7 +466,7 @@ def metric_differences(
             "diff": 0.0, "diff_ci_low": float("nan"), "diff_ci_high": float("nan"), "p_value": float("nan")}
         lo, hi = p["diff_ci_low"], p["diff_ci_high"]
         rows.append({"config": n, "reference": reference, "metric": metric, "value": pm.point[n][metric], **p,
-                     "significant": bool(math.isfinite(lo) and (lo > 0 or hi < 0)),
+                     "significant": _significant(lo, hi),
                      "n_questions": pm.n_questions[n]})
     return pd.DataFrame(rows, columns=cols)
 
@@ -562,7 +506,7 @@ def correlations(
     for name in _configs(report):
         part = rec[rec["config"] == name]
         for subset in SUBSETS:
-            sub = _subset(part, subset)
+            sub = subset_rows(part, subset)
             groups: list[tuple[str, pd.DataFrame]] = [("all", sub)]
             if by_window and len(sub):
                 groups += [(window_label(w), g) for w, g in sorted(sub.groupby("window"), key=lambda kv: kv[0])]
@@ -594,7 +538,7 @@ def by_window(report: Any) -> pd.DataFrame:
     for name in _configs(report):
         part = rec[rec["config"] == name]
         for subset in SUBSETS:
-            sub = _subset(part, subset)
+            sub = subset_rows(part, subset)
             for w in sorted(int(x) for x in sub["window"].dropna().unique()):
                 st = report.stats(sub[sub["window"] == w])
                 rows.append({"config": name, "subset": subset, "window": w, "window_label": window_label(w), **st})
@@ -744,11 +688,11 @@ def compare_reports(
     different prompts get independent resampling in effect. Columns: ``config, mean_<A>, ci_low_<A>, ci_high_<A>,
     mean_<B>, ..., diff, diff_ci_low, diff_ci_high, significant, n_<A>, n_<B>``.
     """
-    samples, level, seed = _boot_args(a, samples, level, seed)
+    samples, level, seed = bootstrap_settings(a, samples, level, seed)
     na, nb = names
-    ra, rb = _valid(_subset(a.records, subset)), _valid(_subset(b.records, subset))
+    ra, rb = _valid(subset_rows(a.records, subset)), _valid(subset_rows(b.records, subset))
     qs = np.union1d(ra["prompt_index"].unique(), rb["prompt_index"].unique()) if len(ra) or len(rb) else np.zeros(0)
-    w = _group_weights(len(qs), samples, seed) if len(qs) and samples > 0 else np.zeros((0, len(qs)))
+    w = group_weights(len(qs), samples, seed) if len(qs) and samples > 0 else np.zeros((0, len(qs)))
     pos = {q: i for i, q in enumerate(qs.tolist())}
 
     def sums(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -780,6 +724,6 @@ def compare_reports(
         d = boots[nb] - boots[na] if len(w) else np.zeros(0)
         row["diff_ci_low"], row["diff_ci_high"] = percentile_ci(d, level)
         lo, hi = row["diff_ci_low"], row["diff_ci_high"]
-        row["significant"] = bool(math.isfinite(lo) and (lo > 0 or hi < 0))
+        row["significant"] = _significant(lo, hi)
         rows.append(row)
     return pd.DataFrame(rows)
