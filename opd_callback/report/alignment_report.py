@@ -91,6 +91,7 @@ class AlignmentReport:
     # ------------------------------------------------------------------------------------------------ basics
     @property
     def configs(self) -> list[str]:
+        """Configuration names: those of ``meta["configs"]`` in order, then any other found in the records."""
         names = [c["name"] for c in self.meta.get("configs", [])]
         for n in self.records.get("config", pd.Series(dtype=object)).unique().tolist():
             if n not in names:
@@ -99,6 +100,7 @@ class AlignmentReport:
 
     @property
     def success_rate(self) -> float:
+        """Share of correct base rollouts (NaN without rollouts)."""
         if self.rollouts.empty:
             return float("nan")
         return float(self.rollouts["correct"].astype(float).mean())
@@ -111,6 +113,7 @@ class AlignmentReport:
 
     @property
     def n_nodes(self) -> int:
+        """Number of scored nodes (distinct ``prompt_index, rollout_index, position``)."""
         if self.records.empty:
             return 0
         return int(self.records.drop_duplicates(["prompt_index", "rollout_index", "position"]).shape[0])

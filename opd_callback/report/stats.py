@@ -68,6 +68,7 @@ def node_key(df: pd.DataFrame) -> list[str]:
 
 
 def _rollout_key(df: pd.DataFrame) -> list[str]:
+    """Columns that identify a rollout: ``prompt_index, rollout_index`` (and ``step`` in training records)."""
     key = ["prompt_index", "rollout_index"]
     return (["step"] + key) if "step" in df.columns else key
 
@@ -90,6 +91,7 @@ def _valid(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _configs(report: Any) -> list[str]:
+    """The report's configurations (else those of its records, in order of appearance)."""
     names = list(getattr(report, "configs", []) or [])
     if not names and "config" in report.records.columns:
         names = list(dict.fromkeys(report.records["config"].tolist()))
@@ -194,6 +196,7 @@ def paired_differences(
 
 
 def _need_norms(df: pd.DataFrame) -> None:
+    """Raise a ValueError that says what to do when records lack the columns of the oracle mask gain."""
     missing = [c for c in ("g_norm", "d_norm", "inner") if c not in df.columns]
     if missing:
         raise ValueError(
@@ -393,6 +396,7 @@ class PooledMetrics:
             self.boot[name] = _metric_values(self.weights @ table)
 
     def ci(self, config: str, metric: str, level: float = 0.95) -> tuple[float, float]:
+        """The percentile interval of ``metric`` for ``config``."""
         return percentile_ci(self.boot[config][metric], level)
 
     def paired(self, config: str, reference: str, metric: str, level: float = 0.95) -> dict[str, float]:
@@ -476,6 +480,7 @@ def metric_differences(
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; NaN for fewer than 3 points or a constant vector."""
     if x.size < 3:
         return float("nan")
     x = x - x.mean()
@@ -485,6 +490,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant vector."""
     if x.size < 3:
         return float("nan")
     rx = pd.Series(x).rank(method="average").to_numpy()

@@ -6,7 +6,7 @@ Every label is escaped (:func:`~opd_callback.report.html.format.esc`); nothing i
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,14 +26,19 @@ class SvgCanvas:
             self.text(width / 2, 14, title, anchor="middle", size=12, weight="bold")
 
     def add(self, s: str) -> None:
+        """Append raw SVG markup (the caller escaped any text in it)."""
         self.parts.append(s)
 
-    def text(self, x, y, s, *, anchor="start", size=10, color="#333", weight="normal", rotate=None) -> None:
+    def text(self, x: float, y: float, s: Any, *, anchor: str = "start", size: int = 10, color: str = "#333",
+             weight: str = "normal", rotate: float | None = None) -> None:
+        """Text ``s`` (escaped) at ``(x, y)``, optionally rotated about that point."""
         tr = f' transform="rotate({rotate} {x:.1f} {y:.1f})"' if rotate is not None else ""
         self.add(f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" fill="{color}" '
                  f'font-weight="{weight}"{tr}>{esc(s)}</text>')
 
-    def line(self, x1, y1, x2, y2, color="#999", width=1.0, dash: str | None = None) -> None:
+    def line(self, x1: float, y1: float, x2: float, y2: float, color: str = "#999", width: float = 1.0,
+             dash: str | None = None) -> None:
+        """A straight line, dashed when ``dash`` (an SVG dash pattern) is given."""
         d = f' stroke-dasharray="{dash}"' if dash else ""
         self.add(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" '
                  f'stroke-width="{width}"{d}/>')
@@ -43,16 +48,21 @@ class SvgCanvas:
         self.line(left, top + ph, left + pw, top + ph, "#666")
         self.line(left, top, left, top + ph, "#666")
 
-    def rect(self, x, y, w, h, color, opacity=1.0, title: str | None = None) -> None:
+    def rect(self, x: float, y: float, w: float, h: float, color: str, opacity: float = 1.0,
+             title: str | None = None) -> None:
+        """A filled rectangle (negative sizes drawn as 0) with an optional hover title (escaped)."""
         t = f"<title>{esc(title)}</title>" if title else ""
         self.add(f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{max(h, 0):.1f}" fill="{color}" '
                  f'fill-opacity="{opacity}">{t}</rect>')
 
-    def circle(self, x, y, r, color, title: str | None = None) -> None:
+    def circle(self, x: float, y: float, r: float, color: str, title: str | None = None) -> None:
+        """A filled circle with an optional hover title (escaped)."""
         t = f"<title>{esc(title)}</title>" if title else ""
         self.add(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{color}">{t}</circle>')
 
-    def polyline(self, pts: Sequence[tuple[float, float]], color, width=1.5, dash: str | None = None) -> None:
+    def polyline(self, pts: Sequence[tuple[float, float]], color: str, width: float = 1.5,
+                 dash: str | None = None) -> None:
+        """A line through ``pts`` (nothing for fewer than two points)."""
         if len(pts) < 2:
             return
         d = f' stroke-dasharray="{dash}"' if dash else ""
@@ -60,6 +70,7 @@ class SvgCanvas:
         self.add(f'<polyline points="{p}" fill="none" stroke="{color}" stroke-width="{width}"{d}/>')
 
     def render(self) -> str:
+        """The ``<svg>`` element."""
         return (f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{self.w}" height="{self.h}" '
                 f'viewBox="0 0 {self.w} {self.h}" role="img">' + "".join(self.parts) + "</svg>")
 
