@@ -7,12 +7,13 @@ page, so a completion containing ``<script>`` is shown, never run. No JavaScript
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import pandas as pd
 
 from opd_callback.report.html.format import alignment_color, esc, fmt, token_text
-from opd_callback.report.html.tokens import index_nodes
+from opd_callback.report.html.tokens import NodeKey, index_nodes
 from opd_callback.report.numeric import as_float
 
 __all__ = ["token_heatmap_html", "alignment_color"]
@@ -49,53 +50,59 @@ def _pick_rollouts(rec: pd.DataFrame, rol: pd.DataFrame, color_config: str | Non
     return chosen
 
 
-def _node_title(node: dict, t: int, tid: int, text: str, decode: Callable[[Sequence[int]], str],
-                configs: Sequence[str]) -> str:
-    """The hover text of a scored token: the node, its candidates, and every configuration's scores."""
-    c = node["common"]
-    lines = [
-        f"position {t}, token {text!r} (id {tid})",
-        f"node value V = {fmt(c.get('value'))}, covered mass = {fmt(c.get('covered_mass'))}, "
-        f"student entropy = {fmt(c.get('student_entropy'))}",
-    ]
-    ids = list(c.get("candidate_ids", []))
-    if ids:
-        cand = ", ".join(f"{decode([int(j)])!r}: P={fmt(p, 2)} S={fmt(s, 2)}"
-                         for j, p, s in zip(ids, c.get("candidate_probs", []), c.get("candidate_success", [])))
-        lines.append(f"candidates: {cand}")
-    for name in configs:
-        cr = node["configs"].get(name)
-        if cr is not None:
-            al = "degenerate" if bool(cr.get("degenerate")) else fmt(cr.get("alignment"))
-            lines.append(f"{name}: alignment {al}, teacher advantage {fmt(cr.get('teacher_advantage'))}, "
-                         f"KL(P||Q) {fmt(cr.get('kl_reverse'))}")
-    return "\n".join(lines)
+@dataclass
+class _Heatmap:
+    """What every rollout of the heatmap shares: the decoder, the configurations listed on hover, the one that
+    colours, and the scored nodes."""
 
+    decode: Callable[[Sequence[int]], str]
+    configs: list[str]
+    color_config: str | None
+    by_node: dict[NodeKey, dict[str, Any]]
 
-def _token(node: dict | None, t: int, tid: int, decode: Callable[[Sequence[int]], str], configs: Sequence[str],
-           color_config: str | None) -> str:
-    """One token of a completion: plain when not scored, else coloured by ``color_config`` with a hover text."""
-    text = decode([tid])
-    if node is None:
-        return f'<span title="{esc(f"position {t} (not scored)")}">{token_text(text)}</span>'
-    own = node["configs"].get(color_config)
-    a = as_float(own.get("alignment")) if own is not None and not bool(own.get("degenerate")) else None
-    return (f'<span style="background:{alignment_color(a)};border-bottom:2px solid #444" '
-            f'title="{esc(_node_title(node, t, tid, text, decode, configs))}">{token_text(text)}</span>')
+    def node_title(self, node: dict, t: int, tid: int, text: str) -> str:
+        """The hover text of a scored token: the node, its candidates, and every configuration's scores."""
+        c = node["common"]
+        lines = [
+            f"position {t}, token {text!r} (id {tid})",
+            f"node value V = {fmt(c.get('value'))}, covered mass = {fmt(c.get('covered_mass'))}, "
+            f"student entropy = {fmt(c.get('student_entropy'))}",
+        ]
+        ids = list(c.get("candidate_ids", []))
+        if ids:
+            cand = ", ".join(f"{self.decode([int(j)])!r}: P={fmt(p, 2)} S={fmt(s, 2)}"
+                             for j, p, s in zip(ids, c.get("candidate_probs", []), c.get("candidate_success", [])))
+            lines.append(f"candidates: {cand}")
+        for name in self.configs:
+            cr = node["configs"].get(name)
+            if cr is not None:
+                al = "degenerate" if bool(cr.get("degenerate")) else fmt(cr.get("alignment"))
+                lines.append(f"{name}: alignment {al}, teacher advantage {fmt(cr.get('teacher_advantage'))}, "
+                             f"KL(P||Q) {fmt(cr.get('kl_reverse'))}")
+        return "\n".join(lines)
 
+    def token(self, key: NodeKey, tid: int) -> str:
+        """One token of a completion: plain when not scored, else coloured by ``color_config`` with a hover text."""
+        t = key[2]
+        text = self.decode([tid])
+        node = self.by_node.get(key)
+        if node is None:
+            return f'<span title="{esc(f"position {t} (not scored)")}">{token_text(text)}</span>'
+        own = node["configs"].get(self.color_config)
+        a = as_float(own.get("alignment")) if own is not None and not bool(own.get("degenerate")) else None
+        return (f'<span style="background:{alignment_color(a)};border-bottom:2px solid #444" '
+                f'title="{esc(self.node_title(node, t, tid, text))}">{token_text(text)}</span>')
 
-def _rollout(r: Any, by_node: dict, decode: Callable[[Sequence[int]], str], configs: Sequence[str],
-             color_config: str | None) -> str:
-    """One rollout: its header, its prompt and its coloured completion."""
-    pi, ri = int(r["prompt_index"]), int(r["rollout_index"])
-    tokens = "".join(_token(by_node.get((pi, ri, t)), t, int(tid), decode, configs, color_config)
-                     for t, tid in enumerate(list(r["completion_ids"])))
-    return ('<div class="opd-rollout" style="margin:8px 0;padding:6px;border:1px solid #ddd">'
-            f"<div style=\"color:#555\">prompt {pi} · rollout {ri} · reward {esc(fmt(r['reward']))} · "
-            f"{'correct' if bool(r['correct']) else 'incorrect'}</div>"
-            '<div style="white-space:pre-wrap;color:#333;border-left:3px solid #bbb;padding-left:6px">'
-            f"{esc(r['prompt'])}</div>"
-            f'<div style="white-space:pre-wrap">{tokens}</div></div>')
+    def rollout(self, r: Any) -> str:
+        """One rollout: its header, its prompt and its coloured completion."""
+        pi, ri = int(r["prompt_index"]), int(r["rollout_index"])
+        tokens = "".join(self.token((pi, ri, t), int(tid)) for t, tid in enumerate(list(r["completion_ids"])))
+        return ('<div class="opd-rollout" style="margin:8px 0;padding:6px;border:1px solid #ddd">'
+                f"<div style=\"color:#555\">prompt {pi} · rollout {ri} · reward {esc(fmt(r['reward']))} · "
+                f"{'correct' if bool(r['correct']) else 'incorrect'}</div>"
+                '<div style="white-space:pre-wrap;color:#333;border-left:3px solid #bbb;padding-left:6px">'
+                f"{esc(r['prompt'])}</div>"
+                f'<div style="white-space:pre-wrap">{tokens}</div></div>')
 
 
 def token_heatmap_html(
@@ -134,7 +141,6 @@ def token_heatmap_html(
     parts.append(_legend(color_config))
     if rol.empty:
         return "".join(parts) + "<div>(no rollouts)</div></div>"
-    by_node = index_nodes(rec)
-    parts += [_rollout(r, by_node, decode, configs, color_config)
-              for r in _pick_rollouts(rec, rol, color_config, max_rollouts)]
+    heatmap = _Heatmap(decode, configs, color_config, index_nodes(rec))
+    parts += [heatmap.rollout(r) for r in _pick_rollouts(rec, rol, color_config, max_rollouts)]
     return "".join(parts) + "</div>"
