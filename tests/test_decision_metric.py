@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import opd_callback as oc
-from opd_callback.report import stats
+from opd_callback.report import metrics, stats
 from opd_callback.report.bootstrap import group_weights
 
 from helpers import reward_from
@@ -134,9 +134,9 @@ def test_ratio_ci_coverage_on_clustered_data():
                              "inner": 0.0, "g2": 0.0, "d2": 0.0, "adv": adv, "best": best, "n": 1.0})
         terms = pd.DataFrame(rows)
         # the per-question sums and the resampled ratio, as PooledMetrics computes them
-        table = terms.groupby("prompt_index")[list(stats._SUM_COLUMNS)].sum().to_numpy()
+        table = terms.groupby("prompt_index")[list(metrics.SUM_COLUMNS)].sum().to_numpy()
         w = group_weights(q, 400, rep_i)
-        boot = stats._metric_values(w @ table)["teacher_gain"]
+        boot = metrics.metric_values(w @ table)["teacher_gain"]
         lo, hi = stats.percentile_ci(boot, 0.9)
         hits += lo <= truth_num / truth_den <= hi
     cover = hits / reps

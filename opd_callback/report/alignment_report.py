@@ -26,6 +26,7 @@ from opd_callback.report.records import (
     ROLLOUT_COLUMNS,
     SUBSETS,
 )
+from opd_callback.report.selection import subset_rows
 
 __all__ = ["AlignmentReport", "bootstrap_mean_ci", "RECORD_COLUMNS", "EXTRA_RECORD_COLUMNS", "ROLLOUT_COLUMNS"]
 
@@ -167,7 +168,7 @@ class AlignmentReport:
             for subset in SUBSETS:
                 pm = pooled[subset]
                 lo, hi = pm.ci(name, stats.DECISION_METRIC, level)
-                rows.append({"config": name, "subset": subset, **self.stats(stats.subset_rows(df, subset)),
+                rows.append({"config": name, "subset": subset, **self.stats(subset_rows(df, subset)),
                              "teacher_gain": pm.point[name]["teacher_gain"], "teacher_gain_ci_low": lo,
                              "teacher_gain_ci_high": hi, "step_alignment": pm.point[name]["step_alignment"],
                              "alignment_weighted": pm.point[name]["alignment_weighted"]})
