@@ -18,7 +18,7 @@ import torch
 
 import opd_callback as oc
 from opd_callback.training.callback import DiagnosticError, estimate_continuations
-from opd_callback.report.heatmap import token_heatmap_html
+from opd_callback.report.html import token_heatmap_html
 
 from _dist_worker import (
     accuracy_reward,

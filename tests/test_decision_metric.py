@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import opd_callback as oc
-from opd_callback.report import stats
-from opd_callback.report.stats import _group_weights
+from opd_callback.report import metrics, stats
+from opd_callback.report.bootstrap import group_weights
 
 from helpers import reward_from
 from test_engine import exact_lab, exact_run, exact_truth, E_T, E_TAU, e_reward
@@ -102,7 +102,7 @@ def test_paired_bootstrap_identities():
     p = pm.paired("A", "A", "teacher_gain")
     assert p["diff"] == 0 and p["diff_ci_low"] == 0 and p["diff_ci_high"] == 0
     # each bootstrap replicate is the metric of the questions drawn: recompute one replicate by hand
-    w = _group_weights(2, 300, 5)[7]
+    w = group_weights(2, 300, 5)[7]
     num = w[0] * (0.3 + 0.0) + w[1] * (0.1 + 0.0)
     den = w[0] * 0.4 + w[1] * 0.3
     assert pm.boot["A"]["teacher_gain"][7] == pytest.approx(num / den)
@@ -134,9 +134,9 @@ def test_ratio_ci_coverage_on_clustered_data():
                              "inner": 0.0, "g2": 0.0, "d2": 0.0, "adv": adv, "best": best, "n": 1.0})
         terms = pd.DataFrame(rows)
         # the per-question sums and the resampled ratio, as PooledMetrics computes them
-        table = terms.groupby("prompt_index")[list(stats._SUM_COLUMNS)].sum().to_numpy()
-        w = _group_weights(q, 400, rep_i)
-        boot = stats._metric_values(w @ table)["teacher_gain"]
+        table = terms.groupby("prompt_index")[list(metrics.SUM_COLUMNS)].sum().to_numpy()
+        w = group_weights(q, 400, rep_i)
+        boot = metrics.metric_values(w @ table)["teacher_gain"]
         lo, hi = stats.percentile_ci(boot, 0.9)
         hits += lo <= truth_num / truth_den <= hi
     cover = hits / reps

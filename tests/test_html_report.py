@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_callback.report.html_report import SECTIONS, build_compare_html, build_html
+from opd_callback.report.html import SECTIONS, build_compare_html, build_html
 from test_stats import synthetic_report
 
 INJECT = "<script>var e=document.createElement('div');e.id='pwned';document.body.appendChild(e);" \

@@ -7,15 +7,18 @@ independent. Degenerate nodes (``|g|`` or ``|d|`` below eps) are counted but exc
 from __future__ import annotations
 
 import json
-import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["AlignmentReport", "bootstrap_mean_ci", "RECORD_COLUMNS", "EXTRA_RECORD_COLUMNS", "ROLLOUT_COLUMNS"]
-
+from opd_callback.report import stats
+from opd_callback.report.bootstrap import bootstrap_mean_ci, bootstrap_settings
+from opd_callback.report.numeric import finite_or_none
 from opd_callback.report.records import (
     EXTRA_RECORD_COLUMNS,
     RECORD_COLUMNS,
@@ -23,36 +26,9 @@ from opd_callback.report.records import (
     ROLLOUT_COLUMNS,
     SUBSETS,
 )
+from opd_callback.report.selection import subset_rows
 
-
-
-def bootstrap_mean_ci(
-    values: np.ndarray,
-    groups: np.ndarray,
-    *,
-    samples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile CI of the node-level mean when whole groups (questions) are resampled with replacement."""
-    values = np.asarray(values, dtype=np.float64)
-    groups = np.asarray(groups)
-    if values.size == 0 or samples <= 0:
-        return float("nan"), float("nan")
-    uniq, inv = np.unique(groups, return_inverse=True)
-    q = len(uniq)
-    sums = np.bincount(inv, weights=values, minlength=q)
-    counts = np.bincount(inv, minlength=q).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(q, np.full(q, 1.0 / q), size=samples).astype(np.float64)
-    den = w @ counts
-    ok = den > 0
-    means = (w[ok] @ sums) / den[ok]
-    if means.size == 0:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    lo, hi = np.quantile(means, [a, 1 - a])
-    return float(lo), float(hi)
+__all__ = ["AlignmentReport", "bootstrap_mean_ci", "RECORD_COLUMNS", "EXTRA_RECORD_COLUMNS", "ROLLOUT_COLUMNS"]
 
 
 def _lists(df: pd.DataFrame) -> pd.DataFrame:
@@ -63,8 +39,34 @@ def _lists(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _nan(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The non-empty frames, concatenated (the first frame when every one is empty)."""
+    return pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
+
+
+# config_summary fields from the summary table: (field, subset, column), in the order of summary.json; a pair of
+# columns gives a [low, high] list, an ``n_*`` column an int, any other a float (None where not finite)
+_CONFIG_FIELDS: tuple[tuple[str, str, str | tuple[str, str]], ...] = (
+    ("alignment_mean", "all", "alignment_mean"), ("alignment_median", "all", "alignment_median"),
+    ("alignment_correct", "correct", "alignment_mean"), ("alignment_incorrect", "incorrect", "alignment_mean"),
+    ("ci_low", "all", "ci_low"), ("ci_high", "all", "ci_high"),
+    ("ci_correct", "correct", ("ci_low", "ci_high")), ("ci_incorrect", "incorrect", ("ci_low", "ci_high")),
+    ("positive_fraction", "all", "positive_fraction"), ("degenerate_fraction", "all", "degenerate_fraction"),
+    ("degenerate_fraction_correct", "correct", "degenerate_fraction"),
+    ("degenerate_fraction_incorrect", "incorrect", "degenerate_fraction"),
+    ("teacher_advantage", "all", "teacher_advantage"),
+    ("n_nodes", "all", "n_nodes"), ("n_nodes_correct", "correct", "n_nodes"),
+    ("n_nodes_incorrect", "incorrect", "n_nodes"), ("n_questions", "all", "n_questions"),
+)
+
+
+def _summary_field(part: pd.DataFrame, subset: str, column: str | tuple[str, str]) -> Any:
+    """One :data:`_CONFIG_FIELDS` value from a configuration's summary rows (indexed by subset)."""
+    if isinstance(column, tuple):
+        return [finite_or_none(part.loc[subset, c]) for c in column]
+    if column.startswith("n_"):
+        return int(part.loc[subset, column])
+    return finite_or_none(part.loc[subset, column])
 
 
 class AlignmentReport:
@@ -90,6 +92,7 @@ class AlignmentReport:
     # ------------------------------------------------------------------------------------------------ basics
     @property
     def configs(self) -> list[str]:
+        """Configuration names: those of ``meta["configs"]`` in order, then any other found in the records."""
         names = [c["name"] for c in self.meta.get("configs", [])]
         for n in self.records.get("config", pd.Series(dtype=object)).unique().tolist():
             if n not in names:
@@ -98,6 +101,7 @@ class AlignmentReport:
 
     @property
     def success_rate(self) -> float:
+        """Share of correct base rollouts (NaN without rollouts)."""
         if self.rollouts.empty:
             return float("nan")
         return float(self.rollouts["correct"].astype(float).mean())
@@ -110,23 +114,15 @@ class AlignmentReport:
 
     @property
     def n_nodes(self) -> int:
+        """Number of scored nodes (distinct ``prompt_index, rollout_index, position``)."""
         if self.records.empty:
             return 0
         return int(self.records.drop_duplicates(["prompt_index", "rollout_index", "position"]).shape[0])
 
-    def _settings(self) -> dict:
-        return self.meta.get("settings", {})
-
-    def _subset(self, df: pd.DataFrame, subset: str) -> pd.DataFrame:
-        if subset == "all":
-            return df
-        want = subset == "correct"
-        return df[df["rollout_correct"].astype(bool) == want]
-
     # ------------------------------------------------------------------------------------------------ statistics
     def stats(self, df: pd.DataFrame) -> dict:
         """Alignment statistics of a set of (node, config) rows of one configuration."""
-        s = self._settings()
+        boot = bootstrap_settings(self)
         n = len(df)
         deg = df["degenerate"].astype(bool).to_numpy() if n else np.zeros(0, bool)
         valid = df[~deg] if n else df
@@ -134,9 +130,9 @@ class AlignmentReport:
         lo, hi = bootstrap_mean_ci(
             a,
             valid["prompt_index"].to_numpy() if len(valid) else np.zeros(0),
-            samples=int(s.get("bootstrap_samples", 1000)),
-            level=float(s.get("ci_level", 0.95)),
-            seed=int(s.get("seed", 0)),
+            samples=boot.samples,
+            level=boot.level,
+            seed=boot.seed,
         )
         return {
             "n_nodes": int(n),
@@ -161,21 +157,18 @@ class AlignmentReport:
 
     def _pooled(self) -> dict:
         """:func:`stats.pooled_metrics` of every subset (computed once per summary)."""
-        from opd_callback.report import stats
-
         return {subset: stats.pooled_metrics(self, subset=subset) for subset in SUBSETS}
 
     def _summary(self, pooled: dict) -> pd.DataFrame:
-        from opd_callback.report import stats
-
-        level = float(self._settings().get("ci_level", 0.95))
+        """The :meth:`summary` table, given the pooled metrics of every subset."""
+        level = bootstrap_settings(self).level
         rows = []
         for name in self.configs:
             df = self.records[self.records["config"] == name]
             for subset in SUBSETS:
                 pm = pooled[subset]
                 lo, hi = pm.ci(name, stats.DECISION_METRIC, level)
-                rows.append({"config": name, "subset": subset, **self.stats(self._subset(df, subset)),
+                rows.append({"config": name, "subset": subset, **self.stats(subset_rows(df, subset)),
                              "teacher_gain": pm.point[name]["teacher_gain"], "teacher_gain_ci_low": lo,
                              "teacher_gain_ci_high": hi, "step_alignment": pm.point[name]["step_alignment"],
                              "alignment_weighted": pm.point[name]["alignment_weighted"]})
@@ -190,52 +183,30 @@ class AlignmentReport:
         bootstrap) and, for the decision metric, ``<metric>_correct`` / ``<metric>_incorrect``.
         ``n_questions_valid`` counts questions with at least one non-degenerate node (the evidence behind a CI).
         """
-        from opd_callback.report import stats
-
         pooled = self._pooled()
         summ = self._summary(pooled)
-        level = float(self._settings().get("ci_level", 0.95))
+        level = bootstrap_settings(self).level
+        dm = stats.DECISION_METRIC
         out = []
         for name in self.configs:
             part = summ[summ["config"] == name].set_index("subset")
-            al, co, inc = part.loc["all"], part.loc["correct"], part.loc["incorrect"]
-            row = {
-                "config": name,
-                "alignment_mean": _nan(al["alignment_mean"]),
-                "alignment_median": _nan(al["alignment_median"]),
-                "alignment_correct": _nan(co["alignment_mean"]),
-                "alignment_incorrect": _nan(inc["alignment_mean"]),
-                "ci_low": _nan(al["ci_low"]),
-                "ci_high": _nan(al["ci_high"]),
-                "ci_correct": [_nan(co["ci_low"]), _nan(co["ci_high"])],
-                "ci_incorrect": [_nan(inc["ci_low"]), _nan(inc["ci_high"])],
-                "positive_fraction": _nan(al["positive_fraction"]),
-                "degenerate_fraction": _nan(al["degenerate_fraction"]),
-                "degenerate_fraction_correct": _nan(co["degenerate_fraction"]),
-                "degenerate_fraction_incorrect": _nan(inc["degenerate_fraction"]),
-                "teacher_advantage": _nan(al["teacher_advantage"]),
-                "n_nodes": int(al["n_nodes"]),
-                "n_nodes_correct": int(co["n_nodes"]),
-                "n_nodes_incorrect": int(inc["n_nodes"]),
-                "n_questions": int(al["n_questions"]),
-                "n_questions_valid": pooled["all"].n_questions.get(name, 0),
-            }
+            row = {"config": name, **{field: _summary_field(part, subset, column)
+                                      for field, subset, column in _CONFIG_FIELDS}}
+            row["n_questions_valid"] = pooled["all"].n_questions.get(name, 0)
             for metric in stats.METRICS:
                 if metric != "alignment_mean":
-                    row[metric] = _nan(pooled["all"].point[name][metric])
-                    row[f"{metric}_ci"] = [_nan(v) for v in pooled["all"].ci(name, metric, level)]
-            dm = stats.DECISION_METRIC
-            row[f"{dm}_correct"] = _nan(pooled["correct"].point[name][dm])
-            row[f"{dm}_incorrect"] = _nan(pooled["incorrect"].point[name][dm])
+                    row[metric] = finite_or_none(pooled["all"].point[name][metric])
+                    row[f"{metric}_ci"] = [finite_or_none(v) for v in pooled["all"].ci(name, metric, level)]
+            row[f"{dm}_correct"] = finite_or_none(pooled["correct"].point[name][dm])
+            row[f"{dm}_incorrect"] = finite_or_none(pooled["incorrect"].point[name][dm])
             out.append(row)
         return out
 
     def summary_json(self) -> dict:
         """The content of ``summary.json``: ``decision_metric`` (the column of ``configs`` that decides rankings,
         warnings and early stopping), ``metrics`` (what each column means), ``configs`` (:meth:`config_summary`)."""
-        from opd_callback.report import stats
-
-        return {"decision_metric": stats.DECISION_METRIC, "metrics": dict(stats.METRICS), "configs": self.config_summary()}
+        return {"decision_metric": stats.DECISION_METRIC, "metrics": dict(stats.METRICS),
+                "configs": self.config_summary()}
 
     def ranking(
         self, metric: str | None = None, *, reference: str | None = None, subset: str = "all"
@@ -250,8 +221,6 @@ class AlignmentReport:
         with ``win_fraction`` and ``n_paired``). The reference is ``reference``, else a configuration named
         ``"current"``, else the best one.
         """
-        from opd_callback.report import stats
-
         metric = metric or stats.DECISION_METRIC
         df = pd.DataFrame(self.config_summary())
         if df.empty:
@@ -279,61 +248,46 @@ class AlignmentReport:
     # (method.md §6; implemented in opd_callback.report.stats)
     def paired_differences(self, reference: str | None = None, subset: str = "all") -> pd.DataFrame:
         """Paired differences of every configuration against a reference: see :func:`stats.paired_differences`."""
-        from opd_callback.report import stats
-
         return stats.paired_differences(self, reference=reference, subset=subset)
 
     def oracle_mask_gain(self, per_rollout: bool = False) -> pd.DataFrame:
         """Oracle mask gain ``cos(G, D+) / cos(G, D)`` per configuration x subset (``per_rollout=True``: one row per
         rollout and configuration). See :func:`opd_callback.report.stats.oracle_mask_gain`."""
-        from opd_callback.report import stats
-
         return stats.oracle_mask_gain_per_rollout(self) if per_rollout else stats.oracle_mask_gain(self)
 
     def correlations(self, proxies: Sequence[str] | None = None, by_window: bool = True) -> pd.DataFrame:
         """Pearson / Spearman correlation of per-node alignment with KL, JS, entropies and position, per
         configuration x subset x depth window. See :func:`opd_callback.report.stats.correlations`."""
-        from opd_callback.report import stats
-
         return stats.correlations(self, stats.PROXIES if proxies is None else proxies, by_window=by_window)
 
     def by_window(self) -> pd.DataFrame:
         """:meth:`stats` per configuration x subset x exponential depth window."""
-        from opd_callback.report import stats
-
         return stats.by_window(self)
 
     def per_question(self) -> pd.DataFrame:
         """One row per question x configuration (mean alignment, success rate, rank of the configuration on that
         question). See :func:`opd_callback.report.stats.per_question`."""
-        from opd_callback.report import stats
-
         return stats.per_question(self)
 
     def question_winners(self) -> pd.DataFrame:
         """Number of questions on which each configuration has the highest mean alignment."""
-        from opd_callback.report import stats
-
         return stats.question_winners(self)
 
     def compare(self, other: "AlignmentReport", names: tuple[str, str] = ("A", "B")) -> pd.DataFrame:
         """This run (``names[0]``) and ``other`` (``names[1]``) side by side: ``other - self`` per configuration with
         a question-bootstrap CI. See :func:`opd_callback.report.stats.compare_reports`."""
-        from opd_callback.report import stats
-
         return stats.compare_reports(self, other, names)
 
     def to_html(self, path: str | Path | None = None, **kwargs: Any) -> str:
-        """The self-contained HTML report (:func:`opd_callback.report.html_report.build_html`); written to ``path`` if given."""
-        from opd_callback.report.html_report import build_html
+        """The self-contained HTML report (:func:`opd_callback.report.html.build_html`); written to ``path`` if
+        given."""
+        from opd_callback.report.html import build_html
 
         return build_html(self, path, **kwargs)
 
     def format_table(self) -> str:
         """A plain-text table of :meth:`config_summary`, for terminals: the decision metric first, then mean
         alignment (all / correct / incorrect rollouts), positive and degenerate shares, mean A_T, nodes."""
-        from opd_callback.report import stats
-
         dm = stats.DECISION_METRIC
         rows = self.config_summary()
         head = (f"{'config':<22} {dm:>12} {'95% CI':>17} {'align':>7} {'95% CI':>17} {'correct':>8} {'incorr.':>8} "
@@ -368,10 +322,6 @@ class AlignmentReport:
         Atomic: everything is written into a temporary sibling directory first; a new ``path`` is that directory
         renamed into place, an existing one gets the four files renamed into it (other files there are kept). A save
         that fails leaves ``path`` exactly as it was."""
-        import os
-        import shutil
-        import tempfile
-
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"AlignmentReport.save: {path} exists and is not a directory")
@@ -430,8 +380,8 @@ class AlignmentReport:
         reports = list(reports)
         if not reports:
             return cls([], [], {})
-        rec = pd.concat([r.records for r in reports if not r.records.empty] or [reports[0].records], ignore_index=True)
-        rol = pd.concat([r.rollouts for r in reports if not r.rollouts.empty] or [reports[0].rollouts], ignore_index=True)
+        rec = _concat([r.records for r in reports])
+        rol = _concat([r.rollouts for r in reports])
         meta = dict(reports[0].meta)
         for k in ("rollouts", "nodes", "continuations", "tokens", "seconds"):
             vals = [r.meta.get(k) for r in reports if isinstance(r.meta.get(k), (int, float))]

@@ -6,7 +6,9 @@ Every function takes a report (anything with ``records``, ``rollouts`` and ``met
 **questions** (``prompt_index``): nodes of one question are not independent. Degenerate nodes (``|g|`` or ``|d|``
 below eps) are excluded from alignment statistics and counted separately.
 
-This module imports neither torch, TRL nor wandb.
+The decision metrics (:data:`METRICS`, :class:`PooledMetrics`, ...) live in :mod:`opd_callback.report.metrics`, the
+bootstrap in :mod:`opd_callback.report.bootstrap`; both are importable from here too. This module imports neither
+torch, TRL nor wandb.
 """
 
 from __future__ import annotations
@@ -17,6 +19,34 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from opd_callback.report.bootstrap import (
+    BootstrapSettings,
+    bootstrap_means,
+    bootstrap_p,
+    bootstrap_settings,
+    group_weights,
+    percentile_ci,
+)
+from opd_callback.report.metrics import (
+    DECISION_METRIC,
+    METRICS,
+    PooledMetrics,
+    metric_differences,
+    metric_table,
+    pooled_metrics,
+)
+from opd_callback.report.numeric import as_float
+from opd_callback.report.records import SUBSETS
+from opd_callback.report.selection import (
+    choose_reference,
+    is_significant,
+    node_key,
+    report_configs,
+    rollout_key,
+    subset_rows,
+    valid_rows,
+)
+
 __all__ = [
     "DECISION_METRIC",
     "METRICS",
@@ -26,6 +56,7 @@ __all__ = [
     "metric_differences",
     "PROXIES",
     "SUBSETS",
+    "subset_rows",
     "bootstrap_means",
     "percentile_ci",
     "paired_differences",
@@ -42,59 +73,11 @@ __all__ = [
     "node_key",
 ]
 
-SUBSETS = ("all", "correct", "incorrect")
 PROXIES = ("kl_reverse", "kl_forward", "js", "student_entropy", "teacher_entropy", "position")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _settings(report: Any) -> dict:
-    return dict(getattr(report, "meta", {}) or {}).get("settings", {}) or {}
-
-
-def _boot_args(report: Any, samples: int | None, level: float | None, seed: int | None) -> tuple[int, float, int]:
-    s = _settings(report)
-    return (
-        int(s.get("bootstrap_samples", 1000)) if samples is None else int(samples),
-        float(s.get("ci_level", 0.95)) if level is None else float(level),
-        int(s.get("seed", 0)) if seed is None else int(seed),
-    )
-
-
-def node_key(df: pd.DataFrame) -> list[str]:
-    """Columns that identify a node: ``prompt_index, rollout_index, position`` (and ``step`` in training records)."""
-    key = ["prompt_index", "rollout_index", "position"]
-    return (["step"] + key) if "step" in df.columns else key
-
-
-def _rollout_key(df: pd.DataFrame) -> list[str]:
-    key = ["prompt_index", "rollout_index"]
-    return (["step"] + key) if "step" in df.columns else key
-
-
-def _subset(df: pd.DataFrame, subset: str) -> pd.DataFrame:
-    if subset == "all":
-        return df
-    if subset not in SUBSETS:
-        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-    return df[df["rollout_correct"].astype(bool) == (subset == "correct")]
-
-
-def _valid(df: pd.DataFrame) -> pd.DataFrame:
-    """Non-degenerate rows with a finite alignment."""
-    if df.empty:
-        return df
-    a = pd.to_numeric(df["alignment"], errors="coerce")
-    return df[~df["degenerate"].astype(bool) & np.isfinite(a.to_numpy(dtype=np.float64))]
-
-
-def _configs(report: Any) -> list[str]:
-    names = list(getattr(report, "configs", []) or [])
-    if not names and "config" in report.records.columns:
-        names = list(dict.fromkeys(report.records["config"].tolist()))
-    return names
 
 
 def window_label(w: int) -> str:
@@ -105,89 +88,46 @@ def window_label(w: int) -> str:
     return f"[{lo},{hi})"
 
 
-def _f(x: Any) -> float:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-    return x
-
-
-def _reference(names: Sequence[str], reference: str | None, scores: dict[str, float]) -> str | None:
-    """The reference of a paired comparison: ``reference`` when given (it must be a configuration), else
-    ``"current"`` when scored, else the configuration with the highest finite score (else the first, if any)."""
-    if reference is not None:
-        if reference not in names:
-            raise ValueError(f"reference {reference!r} is not a configuration of this report; use one of {names}")
-        return reference
-    if "current" in names:
-        return "current"
-    finite = {n: m for n, m in scores.items() if math.isfinite(m)}
-    return max(finite, key=finite.get) if finite else (names[0] if names else None)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# bootstrap
-
-
-def _group_weights(n_groups: int, samples: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=samples).astype(np.float64)
-
-
-def bootstrap_means(
-    values: np.ndarray, groups: np.ndarray, *, samples: int = 1000, seed: int = 0
-) -> np.ndarray:
-    """Bootstrap distribution of the node-level mean when whole groups (questions) are resampled with replacement.
-
-    Uses the same random stream as :func:`opd_callback.report.bootstrap_mean_ci`, so the percentile interval of the
-    result equals that function's interval.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    groups = np.asarray(groups)
-    if values.size == 0 or samples <= 0:
-        return np.zeros(0)
-    uniq, inv = np.unique(groups, return_inverse=True)
-    q = len(uniq)
-    sums = np.bincount(inv, weights=values, minlength=q)
-    counts = np.bincount(inv, minlength=q).astype(np.float64)
-    w = _group_weights(q, samples, seed)
-    den = w @ counts
-    ok = den > 0
-    return (w[ok] @ sums) / den[ok]
-
-
-def percentile_ci(boot: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    boot = np.asarray(boot, dtype=np.float64)
-    boot = boot[np.isfinite(boot)]
-    if boot.size == 0:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    lo, hi = np.quantile(boot, [a, 1 - a])
-    return float(lo), float(hi)
-
-
-def _boot_p(boot: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of "the mean is 0": twice the smaller tail mass at 0."""
-    boot = np.asarray(boot, dtype=np.float64)
-    boot = boot[np.isfinite(boot)]
-    if boot.size == 0:
-        return float("nan")
-    return float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # ranking with paired differences
 
 
+_PAIRED_COLUMNS = ["config", "reference", "mean", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
+                   "win_fraction", "n_paired", "n_paired_questions"]
+
+
+def _paired_alignment(wide: pd.DataFrame | None, config: str, reference: str) -> pd.DataFrame:
+    """At every node where both are non-degenerate: ``d`` = alignment of ``config`` minus the reference's, and the
+    node's ``prompt_index``."""
+    if wide is None or config not in wide.columns or reference not in wide.columns:
+        return pd.DataFrame(columns=["d", "prompt_index"])
+    both = wide[[config, reference]].dropna()
+    return pd.DataFrame({"d": both[config].to_numpy() - both[reference].to_numpy(),
+                         "prompt_index": both.index.get_level_values("prompt_index")})
+
+
+def _paired_row(pair: pd.DataFrame, boot: BootstrapSettings) -> dict:
+    """The mean of the paired differences ``pair["d"]`` with its question-bootstrap CI, p-value and win share."""
+    d = pair["d"].to_numpy(dtype=np.float64)
+    dist = bootstrap_means(d, pair["prompt_index"].to_numpy(), samples=boot.samples, seed=boot.seed)
+    lo, hi = percentile_ci(dist, boot.level)
+    return {"diff": float(d.mean()) if d.size else float("nan"), "diff_ci_low": lo, "diff_ci_high": hi,
+            "p_value": bootstrap_p(dist), "significant": is_significant(lo, hi),
+            "win_fraction": float((d > 0).mean()) if d.size else float("nan"), "n_paired": int(d.size),
+            "n_paired_questions": int(pair["prompt_index"].nunique())}
+
+
+def _reference_row(rec: pd.DataFrame, reference: str) -> dict:
+    """The reference against itself: difference 0, no interval, every valid node of it "paired"."""
+    own = rec[rec["config"] == reference]
+    return {"diff": 0.0, "diff_ci_low": float("nan"), "diff_ci_high": float("nan"), "p_value": float("nan"),
+            "significant": False, "win_fraction": float("nan"), "n_paired": int(len(own)),
+            "n_paired_questions": int(own["prompt_index"].nunique())}
+
+
 def paired_differences(
-    report: Any,
-    *,
-    reference: str | None = None,
-    subset: str = "all",
-    samples: int | None = None,
-    level: float | None = None,
-    seed: int | None = None,
+    report: Any, *, reference: str | None = None, subset: str = "all",
+    samples: int | None = None, level: float | None = None, seed: int | None = None,
 ) -> pd.DataFrame:
     """Each configuration's mean alignment minus the reference's, on the **same nodes** (paired).
 
@@ -200,52 +140,19 @@ def paired_differences(
     significant, win_fraction`` (share of paired nodes where the configuration beats the reference), ``n_paired``,
     ``n_paired_questions``.
     """
-    samples, level, seed = _boot_args(report, samples, level, seed)
-    names = _configs(report)
-    rec = _valid(_subset(report.records, subset))
-    key = node_key(rec)
-    means = {n: _f(rec.loc[rec["config"] == n, "alignment"].astype(float).mean()) for n in names}
-    reference = _reference(names, reference, means)
-    cols = [
-        "config", "reference", "mean", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
-        "win_fraction", "n_paired", "n_paired_questions",
-    ]
+    boot = bootstrap_settings(report, samples, level, seed)
+    names = report_configs(report)
+    rec = valid_rows(subset_rows(report.records, subset))
+    means = {n: as_float(rec.loc[rec["config"] == n, "alignment"].astype(float).mean()) for n in names}
+    reference = choose_reference(names, reference, means)
     if reference is None:
-        return pd.DataFrame(columns=cols)
-    wide = rec.pivot_table(index=key, columns="config", values="alignment", aggfunc="first") if len(rec) else None
-    rows = []
-    for n in names:
-        row = {"config": n, "reference": reference, "mean": means[n]}
-        if n == reference:
-            row.update(diff=0.0, diff_ci_low=float("nan"), diff_ci_high=float("nan"), p_value=float("nan"),
-                       significant=False, win_fraction=float("nan"))
-            cnt = int(rec["config"].eq(n).sum())
-            row.update(n_paired=cnt, n_paired_questions=int(rec.loc[rec["config"] == n, "prompt_index"].nunique()))
-            rows.append(row)
-            continue
-        if wide is None or n not in wide.columns or reference not in wide.columns:
-            pair = pd.DataFrame(columns=["d", "prompt_index"])
-        else:
-            both = wide[[n, reference]].dropna()
-            pair = pd.DataFrame(
-                {"d": both[n].to_numpy() - both[reference].to_numpy(),
-                 "prompt_index": both.index.get_level_values("prompt_index")}
-            )
-        d = pair["d"].to_numpy(dtype=np.float64)
-        boot = bootstrap_means(d, pair["prompt_index"].to_numpy(), samples=samples, seed=seed)
-        lo, hi = percentile_ci(boot, level)
-        row.update(
-            diff=float(d.mean()) if d.size else float("nan"),
-            diff_ci_low=lo,
-            diff_ci_high=hi,
-            p_value=_boot_p(boot),
-            significant=bool(math.isfinite(lo) and (lo > 0 or hi < 0)),
-            win_fraction=float((d > 0).mean()) if d.size else float("nan"),
-            n_paired=int(d.size),
-            n_paired_questions=int(pair["prompt_index"].nunique()),
-        )
-        rows.append(row)
-    return pd.DataFrame(rows, columns=cols)
+        return pd.DataFrame(columns=_PAIRED_COLUMNS)
+    wide = rec.pivot_table(index=node_key(rec), columns="config", values="alignment", aggfunc="first") \
+        if len(rec) else None
+    rows = [{"config": n, "reference": reference, "mean": means[n],
+             **(_reference_row(rec, n) if n == reference else _paired_row(_paired_alignment(wide, n, reference), boot))}
+            for n in names]
+    return pd.DataFrame(rows, columns=_PAIRED_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -253,11 +160,13 @@ def paired_differences(
 
 
 def _need_norms(df: pd.DataFrame) -> None:
+    """Raise a ValueError that says what to do when records lack the columns of the oracle mask gain."""
     missing = [c for c in ("g_norm", "d_norm", "inner") if c not in df.columns]
     if missing:
         raise ValueError(
             f"these records have no {missing} column(s): the oracle mask gain needs each node's inner product and "
-            "norms (recorded since opd-callback 0.1 with issue 4); rerun the diagnostic to get them"
+            "norms |g|, |d| (the g_norm / d_norm columns, which records of older versions lack); rerun the diagnostic "
+            "to get them"
         )
 
 
@@ -266,15 +175,15 @@ def oracle_mask_gain_per_rollout(report: Any) -> pd.DataFrame:
 
     ``G`` / ``D`` concatenate the rollout's per-node ideal gradients / distillation directions; ``D+`` keeps only the
     nodes with positive alignment (``inner > 0``). From scalars: ``cos(G, D) = Σ inner / sqrt(Σ|g|² Σ|d|²)`` and
-    ``cos(G, D+) = Σ_{inner>0} inner / sqrt(Σ|g|² Σ_{inner>0} |d|²)``. ``gain`` is NaN when ``cos(G, D) <= 0`` (the ratio
-    has no meaning there) and ``cos_masked`` is NaN when no node has positive alignment.
+    ``cos(G, D+) = Σ_{inner>0} inner / sqrt(Σ|g|² Σ_{inner>0} |d|²)``. ``gain`` is NaN when ``cos(G, D) <= 0`` (the
+    ratio has no meaning there) and ``cos_masked`` is NaN when no node has positive alignment.
     """
     rec = report.records
-    cols = _rollout_key(rec) + ["config", "rollout_correct", "n_nodes", "n_positive", "cos_full", "cos_masked", "gain"]
+    cols = rollout_key(rec) + ["config", "rollout_correct", "n_nodes", "n_positive", "cos_full", "cos_masked", "gain"]
     if rec.empty:
         return pd.DataFrame(columns=cols)
     _need_norms(rec)
-    df = rec[_rollout_key(rec) + ["config", "rollout_correct", "inner", "g_norm", "d_norm"]].copy()
+    df = rec[rollout_key(rec) + ["config", "rollout_correct", "inner", "g_norm", "d_norm"]].copy()
     for c in ("inner", "g_norm", "d_norm"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     df = df[np.isfinite(df[["inner", "g_norm", "d_norm"]].to_numpy()).all(axis=1)]
@@ -284,7 +193,7 @@ def oracle_mask_gain_per_rollout(report: Any) -> pd.DataFrame:
     df["inner_pos"] = df["inner"].where(pos, 0.0)
     df["d2_pos"] = df["d2"].where(pos, 0.0)
     df["is_pos"] = pos.astype(int)
-    g = df.groupby(_rollout_key(df) + ["config"], sort=False).agg(
+    g = df.groupby(rollout_key(df) + ["config"], sort=False).agg(
         rollout_correct=("rollout_correct", "first"),
         n_nodes=("inner", "size"),
         n_positive=("is_pos", "sum"),
@@ -317,13 +226,13 @@ def oracle_mask_gain(
     rollouts with ``cos(G, D) > 0``), ``cos_full``, ``cos_masked`` (means), ``masked_fraction`` (share of nodes the
     oracle drops), ``n_rollouts``, ``n_questions``.
     """
-    samples, level, seed = _boot_args(report, samples, level, seed)
+    samples, level, seed = bootstrap_settings(report, samples, level, seed)
     per = oracle_mask_gain_per_rollout(report)
     rows = []
-    for name in _configs(report):
+    for name in report_configs(report):
         part = per[per["config"] == name]
         for subset in SUBSETS:
-            p = _subset(part, subset)
+            p = subset_rows(part, subset)
             both = p[np.isfinite(p["cos_full"].astype(float)) & np.isfinite(p["cos_masked"].astype(float))]
             cf = both["cos_full"].to_numpy(dtype=np.float64)
             cm = both["cos_masked"].to_numpy(dtype=np.float64)
@@ -357,181 +266,11 @@ def oracle_mask_gain(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# stake-weighted aggregates: the decision metrics (method.md §6, "Deciding between configurations")
-
-#: Every configuration-level metric, with what it means. All are pooled over the nodes of a report (ratios of sums,
-#: not means of per-question ratios) and get a question-bootstrap CI from the same resampling weights, so that
-#: differences between configurations are paired.
-METRICS: dict[str, str] = {
-    "alignment_mean": "mean per-node cosine cos(g, d) over non-degenerate nodes (every node weighs the same)",
-    "alignment_weighted": "per-node cosine weighted by |g| (what is at stake at the node, to first order)",
-    "step_alignment": "cos(G, D) of the concatenated per-node vectors = sum <g,d> / sqrt(sum |g|^2 sum |d|^2): the "
-    "first-order success gain of the configuration's distillation step over all probed tokens, as a fraction of the "
-    "gain of the ideal step of the same norm",
-    "teacher_gain": "sum A_T / sum (max_j S_j - V): the success gained if the student adopted the teacher's "
-    "distribution at every probed node, as a fraction of what adopting the best candidate would gain (1 = as good "
-    "as the oracle, 0 = no better than the student, < 0 = worse than the student)",
-    "teacher_advantage": "mean teacher advantage A_T = sum_j (Q_j - P_j) S_j per node (success probability)",
-}
-#: The metric that decides: rankings, "beats" warnings, early stopping, the report's verdict. Chosen from the
-#: robustness benchmark (benchmarks/bench_robustness.py; README "Verdicts across labs").
-DECISION_METRIC = "teacher_gain"
-#: Per-(config, question) sums every metric is computed from.
-_SUM_COLUMNS = ("a", "n_valid", "g", "gcos", "inner", "g2", "d2", "adv", "best", "n")
-
-
-def _node_terms(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (node, configuration) row: the terms whose per-question sums give every metric of :data:`METRICS`."""
-    out = pd.DataFrame({"prompt_index": df["prompt_index"].to_numpy(), "config": df["config"].to_numpy()})
-    num = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=np.float64) if c in df.columns
-           else np.full(len(df), np.nan) for c in ("alignment", "inner", "g_norm", "d_norm", "teacher_advantage", "value")}
-    deg = df["degenerate"].astype(bool).to_numpy() if len(df) else np.zeros(0, bool)
-    valid = ~deg & np.isfinite(num["alignment"])
-    a = np.where(valid, num["alignment"], 0.0)
-    g = np.where(np.isfinite(num["g_norm"]), num["g_norm"], 0.0)
-    d = np.where(np.isfinite(num["d_norm"]), num["d_norm"], 0.0)
-    inner = np.where(np.isfinite(num["inner"]), num["inner"], 0.0)
-    best = np.array([max(s) if len(s) else np.nan for s in df["candidate_success"]], dtype=np.float64) - num["value"] \
-        if len(df) else np.zeros(0)
-    adv = num["teacher_advantage"]
-    finite_adv = np.isfinite(adv) & np.isfinite(best)
-    out["a"] = a
-    out["n_valid"] = valid.astype(np.float64)
-    out["g"] = np.where(valid, g, 0.0)
-    out["gcos"] = np.where(valid, g * a, 0.0)
-    out["inner"] = inner
-    out["g2"] = g**2
-    out["d2"] = d**2
-    out["adv"] = np.where(finite_adv, adv, 0.0)
-    out["best"] = np.where(finite_adv, np.maximum(best, 0.0), 0.0)
-    out["n"] = finite_adv.astype(np.float64)
-    return out
-
-
-def _metric_values(sums: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric from pooled sums (last axis: :data:`_SUM_COLUMNS`, any leading shape)."""
-    s = {c: sums[..., i] for i, c in enumerate(_SUM_COLUMNS)}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return {
-            "alignment_mean": np.where(s["n_valid"] > 0, s["a"] / s["n_valid"], np.nan),
-            "alignment_weighted": np.where(s["g"] > 0, s["gcos"] / s["g"], np.nan),
-            "step_alignment": np.where(s["g2"] * s["d2"] > 0, s["inner"] / np.sqrt(s["g2"] * s["d2"]), np.nan),
-            "teacher_gain": np.where(s["best"] > 0, s["adv"] / s["best"], np.nan),
-            "teacher_advantage": np.where(s["n"] > 0, s["adv"] / s["n"], np.nan),
-        }
-
-
-class PooledMetrics:
-    """Per-(configuration, question) sums of one report subset and their question bootstrap.
-
-    ``point[config][metric]`` is the metric on all nodes; ``boot[config][metric]`` its bootstrap distribution. Every
-    configuration uses the **same** resampling weights (questions are resampled together), so
-    ``boot[a][m] - boot[b][m]`` is the bootstrap distribution of the paired difference.
-    """
-
-    def __init__(self, records: pd.DataFrame, configs: Sequence[str], *, samples: int = 1000, seed: int = 0) -> None:
-        terms = _node_terms(records) if len(records) else pd.DataFrame(columns=["prompt_index", "config", *_SUM_COLUMNS])
-        self.questions = np.unique(terms["prompt_index"].to_numpy()) if len(terms) else np.zeros(0)
-        q = len(self.questions)
-        self.weights = _group_weights(q, samples, seed) if q and samples > 0 else np.zeros((0, q))
-        self.point: dict[str, dict[str, float]] = {}
-        self.boot: dict[str, dict[str, np.ndarray]] = {}
-        self.n_questions: dict[str, int] = {}
-        for name in configs:
-            part = terms[terms["config"] == name]
-            table = np.zeros((q, len(_SUM_COLUMNS)))
-            if len(part):
-                by_q = part.groupby("prompt_index")[list(_SUM_COLUMNS)].sum()
-                idx = np.searchsorted(self.questions, by_q.index.to_numpy())
-                table[idx] = by_q.to_numpy(dtype=np.float64)
-            self.n_questions[name] = int(part.loc[part["n_valid"] > 0, "prompt_index"].nunique()) if len(part) else 0
-            self.point[name] = {k: float(v) for k, v in _metric_values(table.sum(axis=0)).items()}
-            self.boot[name] = _metric_values(self.weights @ table)
-
-    def ci(self, config: str, metric: str, level: float = 0.95) -> tuple[float, float]:
-        return percentile_ci(self.boot[config][metric], level)
-
-    def paired(self, config: str, reference: str, metric: str, level: float = 0.95) -> dict[str, float]:
-        """``metric(config) - metric(reference)`` with its paired question-bootstrap CI and p-value."""
-        diff = self.point[config][metric] - self.point[reference][metric]
-        boot = self.boot[config][metric] - self.boot[reference][metric]
-        lo, hi = percentile_ci(boot, level)
-        return {"diff": float(diff), "diff_ci_low": lo, "diff_ci_high": hi, "p_value": _boot_p(boot)}
-
-
-def pooled_metrics(
-    report: Any,
-    *,
-    subset: str = "all",
-    samples: int | None = None,
-    seed: int | None = None,
-) -> PooledMetrics:
-    """:class:`PooledMetrics` of a report's ``subset`` of rollouts (``"all"``, ``"correct"``, ``"incorrect"``)."""
-    samples, _, seed = _boot_args(report, samples, None, seed)
-    return PooledMetrics(_subset(report.records, subset), _configs(report), samples=samples, seed=seed)
-
-
-def metric_table(
-    report: Any, *, samples: int | None = None, level: float | None = None, seed: int | None = None
-) -> pd.DataFrame:
-    """Every metric of :data:`METRICS` per configuration x {all, correct, incorrect}, with question-bootstrap CIs.
-
-    Columns: ``config, subset, metric, value, ci_low, ci_high, n_questions``.
-    """
-    samples, level, seed = _boot_args(report, samples, level, seed)
-    rows = []
-    for subset in SUBSETS:
-        pm = pooled_metrics(report, subset=subset, samples=samples, seed=seed)
-        for name in _configs(report):
-            for metric in METRICS:
-                lo, hi = pm.ci(name, metric, level)
-                rows.append({"config": name, "subset": subset, "metric": metric, "value": pm.point[name][metric],
-                             "ci_low": lo, "ci_high": hi, "n_questions": pm.n_questions[name]})
-    return pd.DataFrame(rows, columns=["config", "subset", "metric", "value", "ci_low", "ci_high", "n_questions"])
-
-
-def metric_differences(
-    report: Any,
-    metric: str = DECISION_METRIC,
-    *,
-    reference: str | None = None,
-    subset: str = "all",
-    samples: int | None = None,
-    level: float | None = None,
-    seed: int | None = None,
-) -> pd.DataFrame:
-    """Each configuration's ``metric`` minus the reference's, with a paired question-bootstrap CI.
-
-    The reference is ``reference``, else ``"current"`` when present, else the configuration with the highest
-    ``metric``. Columns: ``config, reference, metric, value, diff, diff_ci_low, diff_ci_high, p_value, significant``
-    (CI excludes 0), ``n_questions`` (questions with a non-degenerate node).
-    """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
-    samples, level, seed = _boot_args(report, samples, level, seed)
-    names = _configs(report)
-    pm = pooled_metrics(report, subset=subset, samples=samples, seed=seed)
-    cols = ["config", "reference", "metric", "value", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant",
-            "n_questions"]
-    if not names:
-        return pd.DataFrame(columns=cols)
-    reference = _reference(names, reference, {n: pm.point[n][metric] for n in names})
-    rows = []
-    for n in names:
-        p = pm.paired(n, reference, metric, level) if n != reference else {
-            "diff": 0.0, "diff_ci_low": float("nan"), "diff_ci_high": float("nan"), "p_value": float("nan")}
-        lo, hi = p["diff_ci_low"], p["diff_ci_high"]
-        rows.append({"config": n, "reference": reference, "metric": metric, "value": pm.point[n][metric], **p,
-                     "significant": bool(math.isfinite(lo) and (lo > 0 or hi < 0)),
-                     "n_questions": pm.n_questions[n]})
-    return pd.DataFrame(rows, columns=cols)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # cheap proxies
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; NaN for fewer than 3 points or a constant vector."""
     if x.size < 3:
         return float("nan")
     x = x - x.mean()
@@ -541,6 +280,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant vector."""
     if x.size < 3:
         return float("nan")
     rx = pd.Series(x).rank(method="average").to_numpy()
@@ -557,12 +297,12 @@ def correlations(
     depth window) x proxy: ``n``, ``pearson``, ``spearman``. Non-degenerate nodes with a finite proxy only; fewer than
     ``min_nodes`` nodes or a constant column give NaN. (The paper: weak, positive for KL/JS.)
     """
-    rec = _valid(report.records)
+    rec = valid_rows(report.records)
     rows = []
-    for name in _configs(report):
+    for name in report_configs(report):
         part = rec[rec["config"] == name]
         for subset in SUBSETS:
-            sub = _subset(part, subset)
+            sub = subset_rows(part, subset)
             groups: list[tuple[str, pd.DataFrame]] = [("all", sub)]
             if by_window and len(sub):
                 groups += [(window_label(w), g) for w, g in sorted(sub.groupby("window"), key=lambda kv: kv[0])]
@@ -591,10 +331,10 @@ def by_window(report: Any) -> pd.DataFrame:
     """:meth:`AlignmentReport.stats` per configuration x subset x depth window (``window``, ``window_label``)."""
     rec = report.records
     rows = []
-    for name in _configs(report):
+    for name in report_configs(report):
         part = rec[rec["config"] == name]
         for subset in SUBSETS:
-            sub = _subset(part, subset)
+            sub = subset_rows(part, subset)
             for w in sorted(int(x) for x in sub["window"].dropna().unique()):
                 st = report.stats(sub[sub["window"] == w])
                 rows.append({"config": name, "subset": subset, "window": w, "window_label": window_label(w), **st})
@@ -620,7 +360,7 @@ def per_question(report: Any) -> pd.DataFrame:
     rows = []
     if len(rec):
         for (q, name), g in rec.groupby(["prompt_index", "config"], sort=True):
-            v = _valid(g)
+            v = valid_rows(g)
             a = v["alignment"].to_numpy(dtype=np.float64)
             corr = v["rollout_correct"].astype(bool).to_numpy()
             rows.append({
@@ -655,7 +395,7 @@ def question_winners(report: Any) -> pd.DataFrame:
     pq = pq[np.isfinite(pq["alignment_mean"].astype(float))] if len(pq) else pq
     nq = int(pq["prompt_index"].nunique()) if len(pq) else 0
     rows = []
-    for name in _configs(report):
+    for name in report_configs(report):
         wins = int(pq[(pq["config"] == name) & pq["best"].astype(bool)].shape[0]) if len(pq) else 0
         rows.append({"config": name, "wins": wins, "win_fraction": wins / nq if nq else float("nan"),
                      "n_questions": nq})
@@ -744,11 +484,11 @@ def compare_reports(
     different prompts get independent resampling in effect. Columns: ``config, mean_<A>, ci_low_<A>, ci_high_<A>,
     mean_<B>, ..., diff, diff_ci_low, diff_ci_high, significant, n_<A>, n_<B>``.
     """
-    samples, level, seed = _boot_args(a, samples, level, seed)
+    samples, level, seed = bootstrap_settings(a, samples, level, seed)
     na, nb = names
-    ra, rb = _valid(_subset(a.records, subset)), _valid(_subset(b.records, subset))
+    ra, rb = valid_rows(subset_rows(a.records, subset)), valid_rows(subset_rows(b.records, subset))
     qs = np.union1d(ra["prompt_index"].unique(), rb["prompt_index"].unique()) if len(ra) or len(rb) else np.zeros(0)
-    w = _group_weights(len(qs), samples, seed) if len(qs) and samples > 0 else np.zeros((0, len(qs)))
+    w = group_weights(len(qs), samples, seed) if len(qs) and samples > 0 else np.zeros((0, len(qs)))
     pos = {q: i for i, q in enumerate(qs.tolist())}
 
     def sums(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -761,7 +501,7 @@ def compare_reports(
                 c[pos[q]] = row["count"]
         return s, c
 
-    names_all = list(dict.fromkeys(_configs(a) + _configs(b)))
+    names_all = list(dict.fromkeys(report_configs(a) + report_configs(b)))
     rows = []
     for n in names_all:
         sa, ca = sums(ra[ra["config"] == n])
@@ -780,6 +520,6 @@ def compare_reports(
         d = boots[nb] - boots[na] if len(w) else np.zeros(0)
         row["diff_ci_low"], row["diff_ci_high"] = percentile_ci(d, level)
         lo, hi = row["diff_ci_low"], row["diff_ci_high"]
-        row["significant"] = bool(math.isfinite(lo) and (lo > 0 or hi < 0))
+        row["significant"] = is_significant(lo, hi)
         rows.append(row)
     return pd.DataFrame(rows)
