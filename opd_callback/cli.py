@@ -856,7 +856,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         bar.close()
     report = snapshot(interrupted)
     if not args.no_html:
-        from opd_callback.report.html_report import build_html
+        from opd_callback.report.html import build_html
 
         build_html(report, out / "report.html", max_questions=int(run["max_questions"]))
     print(report.format_table())
@@ -891,7 +891,7 @@ def _load_report(path: str, parser: argparse.ArgumentParser, what: str):
 
 
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from opd_callback.report.html_report import build_html
+    from opd_callback.report.html import build_html
 
     report = _load_report(args.dir, parser, "DIR")
     tok = None
@@ -914,7 +914,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from opd_callback.report.html_report import build_compare_html
+    from opd_callback.report.html import build_compare_html
     from opd_callback.report.stats import compare_reports
 
     a = _load_report(args.dir_a, parser, "DIR_A")
@@ -950,7 +950,7 @@ def _cmd_demo(rest: list[str]) -> int:
     no_html = "--no-html" in rest
     rc = int(demo.main([x for x in rest if x != "--no-html"]) or 0)
     if rc == 0 and not no_html and (Path(out) / "records.parquet").exists():
-        from opd_callback.report.html_report import build_html
+        from opd_callback.report.html import build_html
         from opd_callback.report import AlignmentReport
 
         tok = None

@@ -126,7 +126,7 @@ class WandbPanels:
         """Log one diagnostic's panels in one row; returns the keys logged."""
         import wandb
 
-        from opd_callback.report.heatmap import token_heatmap_html
+        from opd_callback.report.html import token_heatmap_html
 
         row: dict[str, Any] = dict(self.histograms(report))
         run_id = getattr(wandb.run, "id", None)
