@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import opd_callback as oc
-from opd_callback.core.engine import select_nodes
+from opd_callback.core.nodes import select_nodes
 import opd_callback.report.alignment_report as report_mod
 from opd_callback.report import RECORD_COLUMNS, ROLLOUT_COLUMNS
 from opd_callback.rollout import TransformersBackend

@@ -25,7 +25,7 @@ import torch
 
 from opd_callback.core.alignment import NodeScore
 
-__all__ = ["select_parameters", "CountSketch", "vjp_gram", "ParamSpaceScorer", "param_space_cosines", "rescore"]
+__all__ = ["select_parameters", "CountSketch", "vjp_gram", "ParamSpaceScorer", "param_space_cosines"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def param_space_cosines(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the engine's hook
+# the scorer the engine holds
 
 
 class ParamSpaceScorer:
@@ -329,11 +329,3 @@ class ParamSpaceScorer:
             self.vocab = int(w.shape[0]) if w is not None else int(self.model.config.vocab_size)
         return self.vocab
 
-
-def rescore(engine: Any, ns: NodeScore, sequence: Sequence[int], position: int) -> NodeScore:
-    """The engine's call site: ``engine``'s lazily built :class:`ParamSpaceScorer` rescoring one node."""
-    scorer = getattr(engine, "_param_scorer", None)
-    if scorer is None or scorer.model is not engine.student:
-        scorer = ParamSpaceScorer(engine.student, engine.settings)
-        engine._param_scorer = scorer
-    return scorer.rescore(ns, sequence, position)
