@@ -5,9 +5,9 @@ probability ``S_j`` of each candidate token ``j`` in the candidate set ``C``. Th
 
     g_j = P_j (S_j - V),      V = sum_k P_k S_k
 
-and a distillation direction ``d`` is scored by ``cos(g, d)``. Tokens outside ``C`` have unknown ``S``: ``tail="impute"``
-sets ``S_j = V_hat`` there (full-vocabulary vectors, ``g`` zero outside ``C``), ``tail="renormalize"`` restricts every
-distribution to ``C``. This module imports neither TRL nor wandb.
+and a distillation direction ``d`` is scored by ``cos(g, d)``. Tokens outside ``C`` have unknown ``S``:
+``tail="impute"`` sets ``S_j = V_hat`` there (full-vocabulary vectors, ``g`` zero outside ``C``), ``tail="renormalize"``
+restricts every distribution to ``C``. This module imports neither TRL nor wandb.
 """
 
 from __future__ import annotations

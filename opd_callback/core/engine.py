@@ -371,8 +371,8 @@ def diagnose(
             student's checkpoint directory, or on its config with its current weights pushed; docs/backends.md), or a
             :class:`RolloutBackend`.
         progress: show a tqdm bar over prompts.
-        vllm_options: ``backend="vllm"``: a :class:`~opd_callback.rollout.vllm_backend.VLLMOptions` or a dict of its fields
-            (``tensor_parallel_size``, ``gpu_memory_utilization``, ``dtype``, ``max_model_len``, ...).
+        vllm_options: ``backend="vllm"``: a :class:`~opd_callback.rollout.vllm_backend.VLLMOptions` or a dict of its
+            fields (``tensor_parallel_size``, ``gpu_memory_utilization``, ``dtype``, ``max_model_len``, ...).
 
     Returns:
         :class:`AlignmentReport` with ``records`` (one row per node and configuration), ``rollouts`` and

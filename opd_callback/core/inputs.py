@@ -46,7 +46,8 @@ def check_examples(examples: Any) -> list[dict]:
     non-empty string or chat messages; chat ``messages`` rows become prompts). Raises ``ValueError`` / ``TypeError``
     naming the example and the fix."""
     if examples is None:
-        raise ValueError("examples is None: pass a non-empty list of dicts (or a datasets.Dataset) with a 'prompt' field")
+        raise ValueError("examples is None: pass a non-empty list of dicts (or a datasets.Dataset) with a 'prompt' "
+                         "field")
     try:
         rows = [dict(e) for e in examples]
     except (TypeError, ValueError) as exc:

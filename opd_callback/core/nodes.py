@@ -133,7 +133,7 @@ def position_limit(model: torch.nn.Module) -> tuple[int | None, bool]:
 
 
 def _has_learned_positions(model: torch.nn.Module) -> bool:
-    """Whether ``model`` has a learned absolute position embedding (``wpe``, ``position_embeddings``, ``pos_emb``...)."""
+    """Whether ``model`` has a learned absolute position embedding (``wpe``, ``position_embeddings``, ``pos_*``)."""
     for name, sub in model.named_modules():
         leaf = name.rsplit(".", 1)[-1].lower()
         if isinstance(sub, torch.nn.Embedding) and ("wpe" == leaf or "position" in leaf or leaf.startswith("pos")):

@@ -230,7 +230,8 @@ class PromptRun:
         ids: list[int] = []
         tops = [torch.topk(self.student_logits[node], k=min(st.top_k, vocab)).indices.tolist()]
         if st.teacher_top_k > 0:
-            tops += [torch.topk(zt[node], k=min(st.teacher_top_k, vocab)).indices.tolist() for zt in self.teacher_logits]
+            tops += [torch.topk(zt[node], k=min(st.teacher_top_k, vocab)).indices.tolist()
+                     for zt in self.teacher_logits]
         for j in [j for top in tops for j in top] + [self._sampled_token(node)]:
             if j not in ids:
                 ids.append(int(j))

@@ -45,7 +45,7 @@ SUBSETS = ("all", "correct", "incorrect")
 
 
 def _row(table: str, columns: list[str], optional: list[str], fields: dict) -> dict:
-    """``fields`` in schema order, refusing unknown columns and missing ``columns`` (``optional`` ones may be absent)."""
+    """``fields`` in schema order; refuses unknown columns and missing ``columns`` (``optional`` ones may be absent)."""
     unknown = [k for k in fields if k not in columns and k not in optional]
     missing = [k for k in columns if k not in fields]
     if unknown or missing:
