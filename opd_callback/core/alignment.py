@@ -34,6 +34,7 @@ __all__ = [
 
 
 def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) over the last axis of a distribution given by its log-probabilities."""
     return -(log_probs.exp() * log_probs).nan_to_num(0.0).sum(-1)
 
 
@@ -104,6 +105,9 @@ class ConfigScore:
 
 @dataclass
 class NodeScore:
+    """Per-node quantities (method.md §3-§5): ``V``, the candidates' covered mass, the student's entropy, the ideal
+    gradient ``g`` and one :class:`ConfigScore` per configuration."""
+
     value: float
     covered_mass: float
     student_entropy: float

@@ -9,12 +9,13 @@ not depend on ``batch_size`` or ``prefix_cache`` either.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -297,48 +298,41 @@ class AlignmentEngine:
         records: list[dict] = []
         rollouts: list[dict] = []
         totals = {"rollouts": 0, "nodes": 0, "continuations": 0, "tokens": 0}
-        it: Iterable[PreparedPrompt] = prepared
-        bar = None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(prepared, desc="opd diagnose", unit="prompt")
-                it = bar
-            except ImportError:  # pragma: no cover
-                pass
-        try:
-            with eval_mode(self.student, *self.teacher_models()):
-                for prep in it:
-                    rec, rol, stats = self.run_prompt(prep)
-                    records.extend(rec)
-                    rollouts.extend(rol)
-                    for k in totals:
-                        totals[k] += stats[k]
-        finally:
-            if bar is not None:
-                bar.close()
+        with _progress_bar(prepared, progress) as prompts, eval_mode(self.student, *self.teacher_models()):
+            for prep in prompts:
+                rec, rol, stats = self.run_prompt(prep)
+                records.extend(rec)
+                rollouts.extend(rol)
+                for k in totals:
+                    totals[k] += stats[k]
         if totals["nodes"] == 0:
             warn_no_nodes(self.settings, rollouts)
         info = {
             "settings": settings_dict(self.settings),
-            "configs": [
-                {
-                    "name": c.name,
-                    "teacher": c.teacher.kind,
-                    "template": getattr(c.teacher, "template", None),
-                    "divergence": c.divergence_name,
-                    "beta": c.beta,
-                    "temperature": c.temperature,
-                    "top_k": c.top_k,
-                }
-                for c in self.configs
-            ],
+            "configs": [c.meta() for c in self.configs],
             "seconds": time.perf_counter() - t0,
             **totals,
             **(meta or {}),
         }
         return AlignmentReport(records, rollouts, meta=info)
+
+
+@contextlib.contextmanager
+def _progress_bar(prepared: list[PreparedPrompt], show: bool) -> Iterator[Iterable[PreparedPrompt]]:
+    """``prepared`` itself, or wrapped in a tqdm bar over prompts (closed on exit) when ``show`` and tqdm is there."""
+    if not show:
+        yield prepared
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        yield prepared
+        return
+    bar = tqdm(prepared, desc="opd diagnose", unit="prompt")
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def diagnose(

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from opd_callback.core.alignment import NodeScore
+from opd_callback.core.inputs import vocab_size
 
 __all__ = ["select_parameters", "CountSketch", "vjp_gram", "ParamSpaceScorer", "param_space_cosines"]
 
@@ -341,8 +342,5 @@ class ParamSpaceScorer:
 
     def _vocab(self) -> int:
         if self.vocab is None:
-            emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-            w = getattr(emb, "weight", None)
-            self.vocab = int(w.shape[0]) if w is not None else int(self.model.config.vocab_size)
+            self.vocab = vocab_size(self.model)
         return self.vocab
-

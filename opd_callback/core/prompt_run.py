@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from opd_callback.core.alignment import NodeScore, ScoringOptions
+from opd_callback.core.alignment import NodeScore, ScoringOptions, entropy
 from opd_callback.core.allocation import SATURATION_MIN_SAMPLES, NodeErrorModel, SaturatedNodeModel, greedy_allocation
 from opd_callback.core.nodes import select_nodes, window_index
 from opd_callback.report.records import make_record, make_rollout_record
@@ -183,8 +183,7 @@ class PromptRun:
         logits = self.engine.backend.logits(self.sequences, positions)
         out = []
         for rows in logits:
-            lp = torch.log_softmax(rows.double() / self.settings.temperature, -1)
-            out.append((-(lp.exp() * lp).nan_to_num(0.0).sum(-1)).tolist())
+            out.append(entropy(torch.log_softmax(rows.double() / self.settings.temperature, -1)).tolist())
         return out
 
     def _by_node(self, per_rollout: Sequence[Sequence[torch.Tensor]]) -> dict[Node, torch.Tensor]:

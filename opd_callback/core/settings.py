@@ -381,8 +381,21 @@ class TeacherConfig:
 
     @property
     def divergence_name(self) -> str:
+        """The divergence's registered name, or a callable's ``__name__``."""
         d = self.divergence
         return d if isinstance(d, str) else getattr(d, "__name__", type(d).__name__)
+
+    def meta(self) -> dict[str, Any]:
+        """The configuration as written into a report's metadata (``meta["configs"]``)."""
+        return {
+            "name": self.name,
+            "teacher": self.teacher.kind,
+            "template": getattr(self.teacher, "template", None),
+            "divergence": self.divergence_name,
+            "beta": self.beta,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+        }
 
 
 @dataclass
