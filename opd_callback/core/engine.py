@@ -49,11 +49,33 @@ from opd_callback.rollout.base import eval_mode
 __all__ = ["diagnose", "AlignmentEngine", "RewardFunctionError", "no_nodes_message", "select_nodes", "vocab_size",
            "position_limit"]
 
-_check_examples = check_examples  # the engine's former private name, imported by the CLI
+_check_examples = check_examples  # the CLI imports it under this name
 
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Sequence[float]]
+
+
+def _config_list(configs: Any) -> list[TeacherConfig]:
+    """``configs`` as a list (one :class:`TeacherConfig` alone is a list of one); refuses what is not a sequence."""
+    if isinstance(configs, TeacherConfig):
+        configs = [configs]
+    if configs is None or isinstance(configs, (str, bytes, Mapping)) or not hasattr(configs, "__iter__"):
+        raise TypeError(f"configs must be a list of TeacherConfig, got {type(configs).__name__}")
+    return list(configs)
+
+
+def _check_config_list(configs: list[TeacherConfig]) -> None:
+    """At least one configuration, uniquely named, every one a :class:`TeacherConfig`."""
+    if not configs:
+        raise ValueError("configs is empty: pass at least one TeacherConfig to score")
+    names = [c.name for c in configs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"TeacherConfig names must be unique; repeated: {dup}")
+    for c in configs:
+        if not isinstance(c, TeacherConfig):
+            raise TypeError(f"configs must be TeacherConfig objects, got {type(c).__name__}")
 
 
 class AlignmentEngine:
@@ -82,26 +104,14 @@ class AlignmentEngine:
         if settings is not None and not isinstance(settings, RolloutSettings):
             raise TypeError(f"settings must be a RolloutSettings, got {type(settings).__name__}; e.g. "
                             "settings=RolloutSettings(num_rollouts=4)")
-        if isinstance(configs, TeacherConfig):
-            configs = [configs]
-        if configs is None or isinstance(configs, (str, bytes, Mapping)) or not hasattr(configs, "__iter__"):
-            raise TypeError(f"configs must be a list of TeacherConfig, got {type(configs).__name__}")
         self.student = student
         self.tokenizer = tokenizer
-        self.configs = list(configs)
+        self.configs = _config_list(configs)
         self.reward_fn = reward_fn
         self.settings = settings or RolloutSettings()
         if not callable(reward_fn):
             raise TypeError("reward_fn must be callable: reward_fn(prompts, completions, **columns) -> list[float]")
-        if not self.configs:
-            raise ValueError("configs is empty: pass at least one TeacherConfig to score")
-        names = [c.name for c in self.configs]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"TeacherConfig names must be unique; repeated: {dup}")
-        for c in self.configs:
-            if not isinstance(c, TeacherConfig):
-                raise TypeError(f"configs must be TeacherConfig objects, got {type(c).__name__}")
+        _check_config_list(self.configs)
         self.eos_ids = eos_token_ids(student, tokenizer)
         if not self.eos_ids:
             raise ValueError("the tokenizer has no eos_token and the model no eos_token_id: set tokenizer.eos_token")
@@ -123,10 +133,10 @@ class AlignmentEngine:
 
     # ---------------------------------------------------------------------------------------------------- validation
     def _check_teachers(self) -> None:
+        """Every teacher must share the student's vocabulary (and tokenizer, when it has one)."""
         for c in self.configs:
             t = c.teacher
-            model = t.model if t.model is not None else self.student
-            v = vocab_size(model)
+            v = vocab_size(self.teacher_model(c))
             if v != self.vocab:
                 raise ValueError(
                     f"TeacherConfig {c.name!r}: the teacher's vocabulary has {v} entries but the student's has "
@@ -142,24 +152,27 @@ class AlignmentEngine:
                         "token-to-id maps). Use the student's tokenizer for the teacher, or a ContextTeacher."
                     )
 
-    def _model_of(self, c: TeacherConfig) -> torch.nn.Module:
+    def teacher_model(self, c: TeacherConfig) -> torch.nn.Module:
+        """Configuration ``c``'s teacher model (the student for a ContextTeacher without its own model)."""
         return c.teacher.model if c.teacher.model is not None else self.student
 
     def teacher_models(self) -> list[torch.nn.Module]:
         """The distinct teacher models (the student itself for live-weight context teachers)."""
         out: dict[int, torch.nn.Module] = {}
         for c in self.configs:
-            m = self._model_of(c)
+            m = self.teacher_model(c)
             out.setdefault(id(m), m)
         return list(out.values())
 
     # ---------------------------------------------------------------------------------------------------- prompts
     def _encode_text(self, text: str, raw: bool) -> list[int]:
+        """Token ids of ``text`` (with the tokenizer's special tokens when ``raw``: not from a chat template)."""
         enc = self.tokenizer(text, add_special_tokens=raw)
         ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc.input_ids
         return list(ids)
 
     def _encode_prompt(self, prompt: Any) -> list[int]:
+        """Token ids of a prompt: a string, or chat messages through the tokenizer's chat template."""
         if isinstance(prompt, str):
             return self._encode_text(prompt, raw=True)
         if getattr(self.tokenizer, "chat_template", None) is None:
@@ -218,7 +231,7 @@ class AlignmentEngine:
         warn once where a rotary model would run past its configured length."""
         T = self.settings.max_new_tokens
         for who, model, n in [("student", self.student, len(pids))] + [
-            (f"teacher of config {c.name!r}", self._model_of(c), len(t)) for c, t in zip(self.configs, tids)
+            (f"teacher of config {c.name!r}", self.teacher_model(c), len(t)) for c, t in zip(self.configs, tids)
         ]:
             limit, hard = self._limits.setdefault(id(model), position_limit(model))
             if limit is None or n + T <= limit:

@@ -210,7 +210,7 @@ class PromptRun:
         rollouts = sorted(self.positions_of)
         cache: dict[tuple[int, tuple[int, ...]], dict[Node, torch.Tensor]] = {}
         for c, teacher_prompt in zip(engine.configs, self.prep.teacher_prompt_ids):
-            model = engine._model_of(c)
+            model = engine.teacher_model(c)
             key = (id(model), tuple(teacher_prompt))
             if key not in cache:
                 logits = next_token_logits(
