@@ -26,6 +26,7 @@ from opd_callback.core.inputs import (
     check_rewards,
     last_user_index,
     no_nodes_message,
+    repeated_names,
     vocab_size,
     warn_no_nodes,
 )
@@ -69,8 +70,7 @@ def _check_config_list(configs: list[TeacherConfig]) -> None:
     """At least one configuration, uniquely named, every one a :class:`TeacherConfig`."""
     if not configs:
         raise ValueError("configs is empty: pass at least one TeacherConfig to score")
-    names = [c.name for c in configs]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = repeated_names([c.name for c in configs])
     if dup:
         raise ValueError(f"TeacherConfig names must be unique; repeated: {dup}")
     for c in configs:

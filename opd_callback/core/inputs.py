@@ -18,6 +18,7 @@ __all__ = [
     "check_rewards",
     "last_user_index",
     "no_nodes_message",
+    "repeated_names",
     "vocab_size",
     "warn_no_nodes",
 ]
@@ -35,6 +36,12 @@ def vocab_size(model: torch.nn.Module) -> int:
     if w is not None and w.dim() == 2:
         return int(w.shape[0])
     return int(model.config.vocab_size)
+
+
+def repeated_names(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once (sorted): configuration names must be unique."""
+    names = list(names)
+    return sorted({n for n in names if names.count(n) > 1})
 
 
 # --------------------------------------------------------------------------------------------------------------------
