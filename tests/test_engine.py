@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import opd_callback as oc
-from opd_callback.core.engine import select_nodes
+from opd_callback.core.nodes import nodes_per_rollout, select_nodes
 import opd_callback.report.alignment_report as report_mod
 from opd_callback.report import RECORD_COLUMNS, ROLLOUT_COLUMNS
+from opd_callback.report.records import make_record, make_rollout_record
 from opd_callback.rollout import TransformersBackend
 
 from helpers import (
@@ -380,6 +381,28 @@ def test_depth_windows_unit():
     counts = np.bincount(picks, minlength=8)[4:8]
     assert counts.sum() == 4000
     assert float(((counts - 1000) ** 2 / 1000).sum()) < 30  # P(chi2_3 > 30) ~ 1e-6
+
+
+def test_nodes_per_rollout_counts_what_select_nodes_picks():
+    rng = np.random.default_rng(1)
+    for kw in [{}, dict(nodes_per_window=2, max_nodes_per_rollout=5),
+               dict(nodes_per_window=3, max_nodes_per_rollout=20), dict(node_selection="all"), dict(node_selection="entropy", max_nodes_per_rollout=3),
+               dict(node_selection="positions", positions=[0, 3, 3, 9])]:
+        s = oc.RolloutSettings(max_new_tokens=40, **kw)
+        for length in range(0, 41):
+            picked = select_nodes(length, s, rng, rng.random(length))
+            assert len(picked) == nodes_per_rollout(s, length), (kw, length)
+
+
+def test_make_record_holds_the_schema():
+    fields = {c: i for i, c in enumerate(RECORD_COLUMNS)}
+    rec = make_record(**dict(reversed(list(fields.items()))), d_norm=1.0, g_norm=2.0)
+    assert list(rec) == RECORD_COLUMNS + ["g_norm", "d_norm"]
+    with pytest.raises(ValueError, match=r"unknown \['bogus'\]"):
+        make_record(**fields, bogus=1)
+    with pytest.raises(ValueError, match=r"missing \['config'\]"):
+        make_record(**{k: v for k, v in fields.items() if k != "config"})
+    assert list(make_rollout_record(**{c: 0 for c in reversed(ROLLOUT_COLUMNS)})) == ROLLOUT_COLUMNS
 
 
 def test_depth_windows_in_engine():

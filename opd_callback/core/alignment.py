@@ -5,9 +5,9 @@ probability ``S_j`` of each candidate token ``j`` in the candidate set ``C``. Th
 
     g_j = P_j (S_j - V),      V = sum_k P_k S_k
 
-and a distillation direction ``d`` is scored by ``cos(g, d)``. Tokens outside ``C`` have unknown ``S``: ``tail="impute"``
-sets ``S_j = V_hat`` there (full-vocabulary vectors, ``g`` zero outside ``C``), ``tail="renormalize"`` restricts every
-distribution to ``C``. This module imports neither TRL nor wandb.
+and a distillation direction ``d`` is scored by ``cos(g, d)``. Tokens outside ``C`` have unknown ``S``:
+``tail="impute"`` sets ``S_j = V_hat`` there (full-vocabulary vectors, ``g`` zero outside ``C``), ``tail="renormalize"``
+restricts every distribution to ``C``. This module imports neither TRL nor wandb.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from opd_callback.core.divergences import LossFn, divergence_direction
+from opd_callback.core.nodes import window_index  # re-exported: the depth window of a record's position
 
 __all__ = [
     "ideal_gradient",
@@ -26,17 +27,14 @@ __all__ = [
     "NodeScore",
     "ConfigScore",
     "score_node",
+    "ScoringOptions",
     "window_index",
     "entropy",
 ]
 
 
-def window_index(position: int) -> int:
-    """Exponential depth window of a completion position: 0 -> 0, 1 -> 1, [2,4) -> 2, [4,8) -> 3, ..."""
-    return int(position).bit_length()
-
-
 def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) over the last axis of a distribution given by its log-probabilities."""
     return -(log_probs.exp() * log_probs).nan_to_num(0.0).sum(-1)
 
 
@@ -107,6 +105,9 @@ class ConfigScore:
 
 @dataclass
 class NodeScore:
+    """Per-node quantities (method.md §3-§5): ``V``, the candidates' covered mass, the student's entropy, the ideal
+    gradient ``g`` and one :class:`ConfigScore` per configuration."""
+
     value: float
     covered_mass: float
     student_entropy: float
@@ -123,6 +124,113 @@ def _kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
 def _js(lp: torch.Tensor, lq: torch.Tensor) -> float:
     lm = torch.logsumexp(torch.stack([lp, lq]), dim=0) - torch.log(torch.tensor(2.0, dtype=lp.dtype))
     return 0.5 * _kl(lp, lm) + 0.5 * _kl(lq, lm)
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How :func:`score_node` scores a node: each configuration's divergence and its options, the student's sampling
+    temperature, the tail rule and the degeneracy threshold. ``None`` lists mean the defaults (temperature 1, no beta,
+    no top-k) for every configuration."""
+
+    divergences: Sequence[str | LossFn]
+    temperature: float = 1.0
+    teacher_temperatures: Sequence[float] | None = None
+    betas: Sequence[float | None] | None = None
+    top_ks: Sequence[int | None] | None = None
+    tail: str = "impute"
+    eps: float = 1e-9
+
+    def score(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: Sequence[torch.Tensor],
+        candidate_ids: torch.Tensor,
+        candidate_success: torch.Tensor,
+        sampled_token: int,
+    ) -> NodeScore:
+        """Score every configuration at one node (:func:`score_node` with these options)."""
+        n = len(teacher_logits)
+        t_temps = list(self.teacher_temperatures) if self.teacher_temperatures is not None else [1.0] * n
+        betas = list(self.betas) if self.betas is not None else [None] * n
+        top_ks = list(self.top_ks) if self.top_ks is not None else [None] * n
+        node = _StudentNode.build(student_logits, candidate_ids, candidate_success, sampled_token, self.temperature,
+                                  self.tail)
+        configs = [
+            node.config_score(teacher_logits[c], self.divergences[c], float(t_temps[c]), betas[c], top_ks[c], self.eps)
+            for c in range(n)
+        ]
+        return NodeScore(
+            value=node.value,
+            covered_mass=node.covered,
+            student_entropy=float(entropy(node.log_probs)),
+            g=node.g,
+            configs=configs,
+            support=node.candidates if self.tail == "renormalize" else None,
+        )
+
+
+@dataclass
+class _StudentNode:
+    """The student's side of one node: its distribution, the ideal gradient ``g`` and the space it lives in (the full
+    vocabulary, or the candidates under ``tail="renormalize"``)."""
+
+    logits: torch.Tensor  # [V] float64
+    log_probs: torch.Tensor  # [V] log softmax(z / temperature)
+    candidates: torch.Tensor
+    covered: float
+    g: torch.Tensor
+    success: torch.Tensor  # S in the space of g
+    value: float
+    space_logits: torch.Tensor
+    space_probs: torch.Tensor
+    sampled: torch.Tensor  # the sampled token's index in the space
+    tail: str
+
+    @classmethod
+    def build(cls, student_logits: torch.Tensor, candidate_ids: torch.Tensor, candidate_success: torch.Tensor,
+              sampled_token: int, temperature: float, tail: str) -> _StudentNode:
+        z = student_logits.detach().to(torch.float64).cpu()
+        cand = candidate_ids.detach().cpu().long()
+        s = candidate_success.detach().to(torch.float64).cpu()
+        lp_full = F.log_softmax(z / temperature, dim=-1)
+        p_full = lp_full.exp()
+        covered = float(p_full[cand].sum())
+        g, s_vec, value = ideal_gradient(p_full, cand, s, tail)
+        if tail == "renormalize":
+            matches = (cand == int(sampled_token)).nonzero()
+            if len(matches) == 0:
+                raise ValueError("the sampled token must be one of the candidates")
+            z_space = z[cand]
+            p_space = torch.softmax(z_space / temperature, dim=-1)
+            sampled = matches[0, 0]
+        else:
+            z_space, p_space, sampled = z, p_full, torch.tensor(int(sampled_token))
+        return cls(z, lp_full, cand, covered, g, s_vec, value, z_space, p_space, sampled, tail)
+
+    def config_score(self, teacher_logits: torch.Tensor, divergence: str | LossFn, tau: float, beta: float | None,
+                     top_k: int | None, eps: float) -> ConfigScore:
+        """One configuration's direction ``d`` at this node, its cosine with ``g`` and the divergences between the
+        student and the teacher (at the configuration's temperature ``tau``)."""
+        zt = teacher_logits.detach().to(torch.float64).cpu()
+        zt_space = zt[self.candidates] if self.tail == "renormalize" else zt
+        d = divergence_direction(divergence, self.space_logits, zt_space, sampled=self.sampled.reshape(()), beta=beta,
+                                 temperature=tau, top_k=top_k)
+        cos, inner, degenerate = cosine(self.g, d, eps)
+        lq_space = F.log_softmax(zt_space / tau, dim=-1)
+        lp_space = F.log_softmax(self.space_logits / tau, dim=-1)
+        return ConfigScore(
+            alignment=cos,
+            inner=inner,
+            teacher_advantage=float(((lq_space.exp() - self.space_probs) * self.success).sum()),
+            kl_reverse=_kl(lp_space, lq_space),
+            kl_forward=_kl(lq_space, lp_space),
+            js=_js(lp_space, lq_space),
+            teacher_entropy=float(entropy(F.log_softmax(zt / tau, dim=-1))),
+            degenerate=degenerate,
+            g_norm=float(self.g.norm()),
+            d_norm=float(d.to(torch.float64).norm()),
+            d=d,
+        )
 
 
 def score_node(
@@ -146,68 +254,5 @@ def score_node(
     The student's sampling distribution uses ``temperature``; each configuration's loss uses its own temperature (TRL:
     it divides both sides' logits). Everything is computed in float64.
     """
-    n = len(teacher_logits)
-    t_temps = list(teacher_temperatures) if teacher_temperatures is not None else [1.0] * n
-    betas = list(betas) if betas is not None else [None] * n
-    top_ks = list(top_ks) if top_ks is not None else [None] * n
-    z = student_logits.detach().to(torch.float64).cpu()
-    cand = candidate_ids.detach().cpu().long()
-    s = candidate_success.detach().to(torch.float64).cpu()
-    lp_full = F.log_softmax(z / temperature, dim=-1)
-    p_full = lp_full.exp()
-    covered = float(p_full[cand].sum())
-    g, s_vec, value = ideal_gradient(p_full, cand, s, tail)
-    if tail == "renormalize":
-        z_space = z[cand]
-        p_space = torch.softmax(z_space / temperature, dim=-1)
-        matches = (cand == int(sampled_token)).nonzero()
-        if len(matches) == 0:
-            raise ValueError("the sampled token must be one of the candidates")
-        sampled_space = matches[0, 0]
-    else:
-        z_space = z
-        p_space = p_full
-        sampled_space = torch.tensor(int(sampled_token))
-    out: list[ConfigScore] = []
-    g_norm = float(g.norm())
-    for c in range(n):
-        zt = teacher_logits[c].detach().to(torch.float64).cpu()
-        zt_space = zt[cand] if tail == "renormalize" else zt
-        tau_c = float(t_temps[c])
-        d = divergence_direction(
-            divergences[c],
-            z_space,
-            zt_space,
-            sampled=sampled_space.reshape(()),
-            beta=betas[c],
-            temperature=tau_c,
-            top_k=top_ks[c],
-        )
-        cos, inner, degenerate = cosine(g, d, eps)
-        lq_space = F.log_softmax(zt_space / tau_c, dim=-1)
-        lp_space_c = F.log_softmax(z_space / tau_c, dim=-1)
-        q_space = lq_space.exp()
-        adv = float(((q_space - p_space) * s_vec).sum())
-        out.append(
-            ConfigScore(
-                alignment=cos,
-                inner=inner,
-                teacher_advantage=adv,
-                kl_reverse=_kl(lp_space_c, lq_space),
-                kl_forward=_kl(lq_space, lp_space_c),
-                js=_js(lp_space_c, lq_space),
-                teacher_entropy=float(entropy(F.log_softmax(zt / tau_c, dim=-1))),
-                degenerate=degenerate,
-                g_norm=g_norm,
-                d_norm=float(d.to(torch.float64).norm()),
-                d=d,
-            )
-        )
-    return NodeScore(
-        value=value,
-        covered_mass=covered,
-        student_entropy=float(entropy(lp_full)),
-        g=g,
-        configs=out,
-        support=cand if tail == "renormalize" else None,
-    )
+    options = ScoringOptions(divergences, temperature, teacher_temperatures, betas, top_ks, tail, eps)
+    return options.score(student_logits, teacher_logits, candidate_ids, candidate_success, sampled_token)

@@ -24,8 +24,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from opd_callback.core.alignment import NodeScore
+from opd_callback.core.inputs import vocab_size
 
-__all__ = ["select_parameters", "CountSketch", "vjp_gram", "ParamSpaceScorer", "param_space_cosines", "rescore"]
+__all__ = ["select_parameters", "CountSketch", "vjp_gram", "ParamSpaceScorer", "param_space_cosines"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -33,7 +34,8 @@ __all__ = ["select_parameters", "CountSketch", "vjp_gram", "ParamSpaceScorer", "
 
 
 def _block_prefixes(model: torch.nn.Module) -> list[str]:
-    """Names of the transformer blocks, in order: the longest ``nn.ModuleList`` (``model.layers``, ``h``, ``blocks``)."""
+    """Names of the transformer blocks, in order: the longest ``nn.ModuleList`` (``model.layers``, ``h``,
+    ``blocks``)."""
     best: tuple[int, str] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
@@ -64,49 +66,65 @@ def select_parameters(
                              "use param_filter='all', 'lm_head', 'last:N' or 'lora'")
         return out
     if callable(f):
-        out = [(n, p) for n, p in named if f(n)]
-        what = "the callable param_filter"
+        out, what = [(n, p) for n, p in named if f(n)], "the callable param_filter"
     elif isinstance(f, str):
-        if f == "all":
-            out, what = named, "'all'"
-        elif f == "lora":
-            out, what = [(n, p) for n, p in named if "lora_" in n], "'lora'"
-            if not out:
-                raise ValueError("param_filter='lora' found no LoRA parameters (names containing 'lora_'): the student "
-                                 "is not a peft LoRA model; use 'all', 'lm_head' or 'last:N'")
-        elif f == "lm_head":
-            emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            ids = {id(p) for p in emb.parameters()} if emb is not None else set()
-            out, what = [(n, p) for n, p in named if id(p) in ids], "'lm_head'"
-        elif f.startswith("last:"):
-            k = int(f[5:])
-            blocks = _block_prefixes(model)
-            if not blocks:
-                raise ValueError(f"param_filter={f!r}: the model has no list of blocks (nn.ModuleList); use 'all' or a "
-                                 "list of parameter names")
-            if k > len(blocks):
-                raise ValueError(f"param_filter={f!r}: the model has only {len(blocks)} blocks; use last:1..last:"
-                                 f"{len(blocks)}")
-            pre = tuple(blocks[-k:])
-            out, what = [(n, p) for n, p in named if n.startswith(pre)], repr(f)
-        elif f.startswith("re:"):
-            rx = re.compile(f[3:])
-            out, what = [(n, p) for n, p in named if rx.search(n)], repr(f)
-        else:
-            raise ValueError(f"param_filter {f!r} is not understood: use 'all', 'lora', 'lm_head', 'last:N', 're:REGEX', "
-                             "a list of names or a callable")
+        out, what = _by_rule(model, named, f), repr(f)
     else:
-        names = list(f)
-        have = dict(named)
-        missing = [n for n in names if n not in have]
-        if missing:
-            close = difflib.get_close_matches(missing[0], list(have), n=3)
-            raise ValueError(f"param_filter names {missing[0]!r}, which is not a parameter of the model"
-                             + (f" (close: {close})" if close else "") + "; see model.named_parameters()")
-        out, what = [(n, have[n]) for n in dict.fromkeys(names)], "the list param_filter"
+        out, what = _by_names(named, list(f)), "the list param_filter"
     if not out:
         raise ValueError(f"{what} selects no parameter of the model; see model.named_parameters() for the names")
     return out
+
+
+Named = list[tuple[str, torch.nn.Parameter]]
+
+
+def _by_rule(model: torch.nn.Module, named: Named, rule: str) -> Named:
+    """The parameters a string ``param_filter`` (other than ``"trainable"``) selects."""
+    if rule == "all":
+        return named
+    if rule == "lora":
+        out = [(n, p) for n, p in named if "lora_" in n]
+        if not out:
+            raise ValueError("param_filter='lora' found no LoRA parameters (names containing 'lora_'): the student "
+                             "is not a peft LoRA model; use 'all', 'lm_head' or 'last:N'")
+        return out
+    if rule == "lm_head":
+        emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        ids = {id(p) for p in emb.parameters()} if emb is not None else set()
+        return [(n, p) for n, p in named if id(p) in ids]
+    if rule.startswith("last:"):
+        return _last_blocks(model, named, rule)
+    if rule.startswith("re:"):
+        rx = re.compile(rule[3:])
+        return [(n, p) for n, p in named if rx.search(n)]
+    raise ValueError(f"param_filter {rule!r} is not understood: use 'all', 'lora', 'lm_head', 'last:N', 're:REGEX', "
+                     "a list of names or a callable")
+
+
+def _last_blocks(model: torch.nn.Module, named: Named, rule: str) -> Named:
+    """``param_filter="last:N"``: the parameters of the model's last ``N`` transformer blocks."""
+    k = int(rule[5:])
+    blocks = _block_prefixes(model)
+    if not blocks:
+        raise ValueError(f"param_filter={rule!r}: the model has no list of blocks (nn.ModuleList); use 'all' or a "
+                         "list of parameter names")
+    if k > len(blocks):
+        raise ValueError(f"param_filter={rule!r}: the model has only {len(blocks)} blocks; use last:1..last:"
+                         f"{len(blocks)}")
+    prefixes = tuple(blocks[-k:])
+    return [(n, p) for n, p in named if n.startswith(prefixes)]
+
+
+def _by_names(named: Named, names: list[str]) -> Named:
+    """A list ``param_filter``: exactly these parameters (each once); an unknown name raises with close matches."""
+    have = dict(named)
+    missing = [n for n in names if n not in have]
+    if missing:
+        close = difflib.get_close_matches(missing[0], list(have), n=3)
+        raise ValueError(f"param_filter names {missing[0]!r}, which is not a parameter of the model"
+                         + (f" (close: {close})" if close else "") + "; see model.named_parameters()")
+    return [(n, have[n]) for n in dict.fromkeys(names)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,7 +279,7 @@ def param_space_cosines(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the engine's hook
+# the scorer the engine holds
 
 
 class ParamSpaceScorer:
@@ -324,16 +342,5 @@ class ParamSpaceScorer:
 
     def _vocab(self) -> int:
         if self.vocab is None:
-            emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-            w = getattr(emb, "weight", None)
-            self.vocab = int(w.shape[0]) if w is not None else int(self.model.config.vocab_size)
+            self.vocab = vocab_size(self.model)
         return self.vocab
-
-
-def rescore(engine: Any, ns: NodeScore, sequence: Sequence[int], position: int) -> NodeScore:
-    """The engine's call site: ``engine``'s lazily built :class:`ParamSpaceScorer` rescoring one node."""
-    scorer = getattr(engine, "_param_scorer", None)
-    if scorer is None or scorer.model is not engine.student:
-        scorer = ParamSpaceScorer(engine.student, engine.settings)
-        engine._param_scorer = scorer
-    return scorer.rescore(ns, sequence, position)

@@ -248,7 +248,9 @@ def messages_to_prompt_row(row: dict) -> dict:
     if "prompt" in row or "messages" not in row:
         return row
     msgs = row["messages"]
-    if not isinstance(msgs, (list, tuple)) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+    if not isinstance(msgs, (list, tuple)) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in msgs
+    ):
         raise TypeError(
             f"'messages' must be a list of chat messages [{{'role': ..., 'content': ...}}], got {_got(msgs)[:200]}"
         )
@@ -309,7 +311,9 @@ class ContextTeacher:
         if not isinstance(self.template, str):
             raise TypeError(f"ContextTeacher: template must be a str.format string, got {_got(self.template)}")
         if not self.template.strip():
-            raise ValueError("ContextTeacher: template is empty; give the teacher's prompt, e.g. '{prompt}\\n{solution}'")
+            raise ValueError(
+                "ContextTeacher: template is empty; give the teacher's prompt, e.g. '{prompt}\\n{solution}'"
+            )
         try:
             self.fields = template_fields(self.template)
         except ValueError as exc:
@@ -377,8 +381,21 @@ class TeacherConfig:
 
     @property
     def divergence_name(self) -> str:
+        """The divergence's registered name, or a callable's ``__name__``."""
         d = self.divergence
         return d if isinstance(d, str) else getattr(d, "__name__", type(d).__name__)
+
+    def meta(self) -> dict[str, Any]:
+        """The configuration as written into a report's metadata (``meta["configs"]``)."""
+        return {
+            "name": self.name,
+            "teacher": self.teacher.kind,
+            "template": getattr(self.teacher, "template", None),
+            "divergence": self.divergence_name,
+            "beta": self.beta,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+        }
 
 
 @dataclass
@@ -403,18 +420,22 @@ class RolloutSettings:
         default=None, metadata={"help": "node_selection='positions': completion positions to score."}
     )
     top_k: int = field(default=4, metadata={"help": "Student top-k candidates per node (>= vocab size: every token)."})
-    teacher_top_k: int = field(default=2, metadata={"help": "Each teacher's top-k added to the candidates (0 allowed)."})
+    teacher_top_k: int = field(
+        default=2, metadata={"help": "Each teacher's top-k added to the candidates (0 allowed)."}
+    )
     rollouts_per_branch: int = field(default=8, metadata={"help": "Continuations sampled per forced candidate."})
     adaptive: bool = field(
         default=False,
         metadata={
-            "help": "Adaptive allocation (docs/method.md): a uniform first round, then the prompt's budget (pooled over "
-            "its nodes) goes where it most reduces the predicted alignment error; saturated nodes stop."
+            "help": "Adaptive allocation (docs/method.md): a uniform first round, then the prompt's budget (pooled "
+            "over its nodes) goes where it most reduces the predicted alignment error; saturated nodes stop."
         },
     )
     adaptive_initial: int = field(
         default=2,
-        metadata={"help": "Adaptive: minimum first-round continuations per candidate (at least rollouts_per_branch/4)."},
+        metadata={
+            "help": "Adaptive: minimum first-round continuations per candidate (at least rollouts_per_branch/4)."
+        },
     )
     budget: int | None = field(
         default=None,
@@ -433,9 +454,9 @@ class RolloutSettings:
     batch_size: int = field(
         default=256,
         metadata={
-            "help": "Sequences per forward pass when sampling/scoring. Larger is faster (a branch row holds only its own "
-            "continuation's KV cache; the prefix is shared); each step materialises batch_size x vocabulary logits, "
-            "so lower it if a diagnostic runs out of memory."
+            "help": "Sequences per forward pass when sampling/scoring. Larger is faster (a branch row holds only its "
+            "own continuation's KV cache; the prefix is shared); each step materialises batch_size x vocabulary "
+            "logits, so lower it if a diagnostic runs out of memory."
         },
     )
     prefix_cache: bool = field(
@@ -457,9 +478,9 @@ class RolloutSettings:
     param_filter: str | None = field(
         default=None,
         metadata={
-            "help": "space='params': which parameters. None or 'trainable': every trainable one (requires_grad); 'all'; 'lora' "
-            "(peft adapters); 'lm_head' (output embedding); 'last:N' (last N transformer blocks); 're:REGEX' (names "
-            "matching). From Python also a list of parameter names or a callable name -> bool."
+            "help": "space='params': which parameters. None or 'trainable': every trainable one (requires_grad); "
+            "'all'; 'lora' (peft adapters); 'lm_head' (output embedding); 'last:N' (last N transformer blocks); "
+            "'re:REGEX' (names matching). From Python also a list of parameter names or a callable name -> bool."
         },
     )
     projection_dim: int | None = field(
@@ -471,69 +492,88 @@ class RolloutSettings:
     )
 
     def __post_init__(self) -> None:
-        owner = "RolloutSettings"
+        self._check_types()
+        self._check_sampling()
+        self._check_positions()
+        self._check_counts()
+        self._check_param_space()
 
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"{owner}: {msg}")
-
-        # types first, from the annotations (param_filter also takes a list or a callable from Python)
+    def _check_types(self) -> None:
+        """Every field against its annotation (normalised in place); ``param_filter`` also takes a list or a callable
+        from Python."""
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            if f.name == "param_filter" and (callable(self.param_filter) or isinstance(self.param_filter, (list, tuple))):
+            value = getattr(self, f.name)
+            if f.name == "param_filter" and (callable(value) or isinstance(value, (list, tuple))):
                 continue
-            setattr(self, f.name, check_value(owner, f.name, getattr(self, f.name), hints[f.name]))
-        need(self.num_rollouts >= 1, f"num_rollouts must be >= 1, got {self.num_rollouts}")
-        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(self.nodes_per_window >= 1, f"nodes_per_window must be >= 1, got {self.nodes_per_window}")
-        need(self.max_nodes_per_rollout >= 1, f"max_nodes_per_rollout must be >= 1, got {self.max_nodes_per_rollout}")
+            setattr(self, f.name, check_value("RolloutSettings", f.name, value, hints[f.name]))
+
+    def _check_sampling(self) -> None:
+        _need(self.num_rollouts >= 1, f"num_rollouts must be >= 1, got {self.num_rollouts}")
+        _need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _need(self.nodes_per_window >= 1, f"nodes_per_window must be >= 1, got {self.nodes_per_window}")
+        _need(self.max_nodes_per_rollout >= 1, f"max_nodes_per_rollout must be >= 1, got {self.max_nodes_per_rollout}")
+
+    def _check_positions(self) -> None:
         if self.node_selection == "positions":
-            need(bool(self.positions), "node_selection='positions' needs a non-empty positions list, e.g. positions=[0, 4, 8]")
-        if self.positions is not None:
-            need(self.node_selection == "positions",
-                 f"positions={self.positions} is only used with node_selection='positions'; set it, or drop positions")
-            need(all(p >= 0 for p in self.positions), f"positions must be >= 0 (completion positions), got {self.positions}")
-            need(
-                any(p < self.max_new_tokens for p in self.positions),
-                f"positions {self.positions} are all >= max_new_tokens = {self.max_new_tokens}: a completion has at most "
-                "max_new_tokens tokens, so no node could be scored; use positions below it or raise max_new_tokens",
-            )
-        need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
-        need(self.teacher_top_k >= 0, f"teacher_top_k must be >= 0, got {self.teacher_top_k}")
-        need(self.adaptive_initial >= 1, f"adaptive_initial must be >= 1, got {self.adaptive_initial}")
-        need(self.budget is None or self.budget >= 1, f"budget must be >= 1 or None, got {self.budget}")
-        need(self.rollouts_per_branch >= 1, f"rollouts_per_branch must be >= 1, got {self.rollouts_per_branch}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.reward_batch_size >= 1, f"reward_batch_size must be >= 1, got {self.reward_batch_size}")
-        need(self.seed >= 0, f"seed must be >= 0, got {self.seed} (any non-negative int; it seeds every random choice)")
-        need(self.degenerate_eps >= 0, f"degenerate_eps must be >= 0, got {self.degenerate_eps}")
-        need(0 < self.ci_level < 1, f"ci_level must be in (0, 1), got {self.ci_level}")
-        need(self.bootstrap_samples >= 0, f"bootstrap_samples must be >= 0, got {self.bootstrap_samples}")
-        need(self.projection_dim is None or self.projection_dim >= 1,
-             f"projection_dim must be a positive int or None, got {self.projection_dim!r}")
+            _need(bool(self.positions),
+                  "node_selection='positions' needs a non-empty positions list, e.g. positions=[0, 4, 8]")
+        if self.positions is None:
+            return
+        _need(self.node_selection == "positions",
+              f"positions={self.positions} is only used with node_selection='positions'; set it, or drop positions")
+        _need(all(p >= 0 for p in self.positions),
+              f"positions must be >= 0 (completion positions), got {self.positions}")
+        _need(
+            any(p < self.max_new_tokens for p in self.positions),
+            f"positions {self.positions} are all >= max_new_tokens = {self.max_new_tokens}: a completion has at most "
+            "max_new_tokens tokens, so no node could be scored; use positions below it or raise max_new_tokens",
+        )
+
+    def _check_counts(self) -> None:
+        _need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        _need(self.teacher_top_k >= 0, f"teacher_top_k must be >= 0, got {self.teacher_top_k}")
+        _need(self.adaptive_initial >= 1, f"adaptive_initial must be >= 1, got {self.adaptive_initial}")
+        _need(self.budget is None or self.budget >= 1, f"budget must be >= 1 or None, got {self.budget}")
+        _need(self.rollouts_per_branch >= 1, f"rollouts_per_branch must be >= 1, got {self.rollouts_per_branch}")
+        _need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _need(self.reward_batch_size >= 1, f"reward_batch_size must be >= 1, got {self.reward_batch_size}")
+        _need(self.seed >= 0,
+              f"seed must be >= 0, got {self.seed} (any non-negative int; it seeds every random choice)")
+        _need(self.degenerate_eps >= 0, f"degenerate_eps must be >= 0, got {self.degenerate_eps}")
+        _need(0 < self.ci_level < 1, f"ci_level must be in (0, 1), got {self.ci_level}")
+        _need(self.bootstrap_samples >= 0, f"bootstrap_samples must be >= 0, got {self.bootstrap_samples}")
+
+    def _check_param_space(self) -> None:
+        _need(self.projection_dim is None or self.projection_dim >= 1,
+              f"projection_dim must be a positive int or None, got {self.projection_dim!r}")
         f = self.param_filter
-        if f is not None and not callable(f):
-            if isinstance(f, str):
-                ok = f in ("all", "lora", "lm_head", "trainable") or f.startswith("re:")
-                if f.startswith("last:"):
-                    n = f[5:]
-                    ok = n.isdigit() and int(n) >= 1
-                need(
-                    ok,
-                    f"param_filter {f!r} is not understood: use 'all', 'lora', 'lm_head', 'last:N' (N >= 1), "
-                    "'re:REGEX', a list of parameter names or a callable name -> bool",
-                )
-            else:
-                need(
-                    isinstance(f, (list, tuple)) and len(f) > 0 and all(isinstance(x, str) for x in f),
-                    f"param_filter must be a string, a non-empty list of parameter names or a callable, got {f!r}",
-                )
+        if isinstance(f, str):
+            ok = f in ("all", "lora", "lm_head", "trainable") or f.startswith("re:")
+            if f.startswith("last:"):
+                ok = f[5:].isdigit() and int(f[5:]) >= 1
+            _need(
+                ok,
+                f"param_filter {f!r} is not understood: use 'all', 'lora', 'lm_head', 'last:N' (N >= 1), "
+                "'re:REGEX', a list of parameter names or a callable name -> bool",
+            )
+        elif f is not None and not callable(f):
+            _need(
+                isinstance(f, (list, tuple)) and len(f) > 0 and all(isinstance(x, str) for x in f),
+                f"param_filter must be a string, a non-empty list of parameter names or a callable, got {f!r}",
+            )
         if self.space == "logits":
-            need(
+            _need(
                 f is None and self.projection_dim is None,
                 "param_filter and projection_dim apply to space='params'; set space='params' or drop them",
             )
+
+
+def _need(cond: bool, msg: str) -> None:
+    """Raise ``ValueError("RolloutSettings: msg")`` unless ``cond``."""
+    if not cond:
+        raise ValueError(f"RolloutSettings: {msg}")
 
 
 def settings_dict(settings: RolloutSettings) -> dict[str, Any]:

@@ -3,7 +3,8 @@ statistic is reported on. The engine writes records with these columns; the repo
 
 from __future__ import annotations
 
-__all__ = ["EXTRA_RECORD_COLUMNS", "RECORD_COLUMNS", "REQUIRED_RECORD_COLUMNS", "ROLLOUT_COLUMNS", "SUBSETS"]
+__all__ = ["EXTRA_RECORD_COLUMNS", "RECORD_COLUMNS", "REQUIRED_RECORD_COLUMNS", "ROLLOUT_COLUMNS", "SUBSETS",
+           "make_record", "make_rollout_record"]
 
 RECORD_COLUMNS = [
     "prompt_index",
@@ -41,3 +42,24 @@ REQUIRED_RECORD_COLUMNS = ["prompt_index", "rollout_index", "position", "config"
 ROLLOUT_COLUMNS = ["prompt_index", "rollout_index", "prompt", "completion", "completion_ids", "reward", "correct"]
 
 SUBSETS = ("all", "correct", "incorrect")
+
+
+def _row(table: str, columns: list[str], optional: list[str], fields: dict) -> dict:
+    """``fields`` in schema order; refuses unknown columns and missing ``columns`` (``optional`` ones may be absent)."""
+    unknown = [k for k in fields if k not in columns and k not in optional]
+    missing = [k for k in columns if k not in fields]
+    if unknown or missing:
+        raise ValueError(f"a {table} row must have the schema's columns: unknown {unknown}, missing {missing}")
+    return {k: fields[k] for k in columns + [c for c in optional if c in fields]}
+
+
+def make_record(**fields: object) -> dict:
+    """One per-token record (a row of ``AlignmentReport.records``): every column of :data:`RECORD_COLUMNS`, and any of
+    :data:`EXTRA_RECORD_COLUMNS`, in schema order. Raises ``ValueError`` on an unknown or a missing column."""
+    return _row("record", RECORD_COLUMNS, EXTRA_RECORD_COLUMNS, fields)
+
+
+def make_rollout_record(**fields: object) -> dict:
+    """One row of the rollouts table: the columns of :data:`ROLLOUT_COLUMNS`, in schema order. Raises ``ValueError``
+    on an unknown or a missing column."""
+    return _row("rollout", ROLLOUT_COLUMNS, [], fields)
