@@ -216,7 +216,7 @@ def main() -> None:
 
     import opd_callback as oc
     from opd_callback import toy
-    from opd_callback.training.callback import estimate_continuations
+    from opd_callback.core.nodes import estimate_continuations
 
     t_start = time.perf_counter()
     lab = toy.build_lab(verbose=False)

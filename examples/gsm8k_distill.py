@@ -40,7 +40,7 @@ knob                              default                 note
 ================================  ======================  ===============================================
 
 Expected cost per diagnostic with these settings (printed at start-up by
-``opd_callback.training.callback.estimate_continuations``): at most 16 x 2 x 4 x 8 x 4 = **4,096 continuations** of the
+``opd_callback.core.nodes.estimate_continuations``): at most 16 x 2 x 4 x 8 x 4 = **4,096 continuations** of the
 student (each at most ``max_completion_length`` tokens, on average roughly half of what is left after its node),
 plus 32 base rollouts and one forward of each teacher per rollout, split evenly over the N processes. The library's
 own defaults (``num_rollouts=4``, ``max_nodes_per_rollout=8``, ``teacher_top_k=2``, ``rollouts_per_branch=8``) cost
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from trl import DistillationConfig, DistillationTrainer
 
     import opd_callback as oc
-    from opd_callback.training.callback import estimate_continuations
+    from opd_callback.core.nodes import estimate_continuations
     from opd_callback.training.trainers import divergence_for_beta
 
     if args.tiny:

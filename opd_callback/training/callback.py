@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
+from opd_callback.core.nodes import estimate_continuations
 from opd_callback.core.settings import RolloutSettings, TeacherConfig, check_value
 from opd_callback.core.engine import AlignmentEngine
 from opd_callback.training.early_stopping import AlignmentEarlyStopping
@@ -65,24 +66,6 @@ _OWNER = "GradientAlignmentCallback"
 
 class DiagnosticError(RuntimeError):
     """A diagnostic failed (raised only with ``on_error="raise"``)."""
-
-
-def estimate_continuations(settings: RolloutSettings, n_prompts: int, n_configs: int) -> int:
-    """Upper bound on the continuations one diagnostic samples:
-    ``prompts x num_rollouts x nodes_per_rollout x |C| x rollouts_per_branch`` with
-    ``|C| <= top_k + n_configs x teacher_top_k + 1`` and nodes per rollout bounded by the node selection."""
-    T = settings.max_new_tokens
-    if settings.node_selection == "all":
-        nodes = T
-    elif settings.node_selection == "positions":
-        nodes = len([p for p in settings.positions or [] if p < T])
-    elif settings.node_selection == "entropy":
-        nodes = min(settings.max_nodes_per_rollout, T)
-    else:
-        windows = 1 + max(0, (T - 1).bit_length()) if T > 0 else 0
-        nodes = min(settings.max_nodes_per_rollout, windows * settings.nodes_per_window, T)
-    cands = settings.top_k + n_configs * settings.teacher_top_k + 1
-    return int(n_prompts * settings.num_rollouts * nodes * cands * settings.rollouts_per_branch)
 
 
 # ====================================================================================================================
