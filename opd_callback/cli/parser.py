@@ -12,9 +12,6 @@ from opd_callback.cli.errors import PROG
 
 __all__ = ["build_parser"]
 
-_DEBUG_HELP = "show the traceback of an error"
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``opd-diagnose run: error: <what to change> (see opd-diagnose run --help)``."""
 
@@ -45,9 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in (_add_run, _add_report, _add_compare):
         sp = add(sub)
-        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
-        if add is _add_run:
-            _add_settings_flags(sp.add_argument_group("rollout settings (RolloutSettings fields)"))
         sp.set_defaults(command_parser=sp)
     sub.add_parser("demo", help="the toy-lab demo (flags are passed to python -m opd_callback.demo)", add_help=False)
     return p
@@ -57,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 # run
 
 
-def _add_run(sub: Any) -> argparse.ArgumentParser:
+def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``run``: what to score (student, configurations, data, reward), where to write it, and how."""
     r = sub.add_parser(
         "run",
@@ -71,6 +65,8 @@ def _add_run(sub: Any) -> argparse.ArgumentParser:
     _add_run_data(r)
     _add_run_backend(r)
     _add_run_output(r)
+    _add_debug(r)
+    _add_settings_flags(r.add_argument_group("rollout settings (RolloutSettings fields)"))
     return r
 
 
@@ -134,7 +130,7 @@ def _add_run_output(r: argparse.ArgumentParser) -> None:
 # report, compare
 
 
-def _add_report(sub: Any) -> argparse.ArgumentParser:
+def _add_report(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``report``: rebuild a run directory's HTML report."""
     rp = sub.add_parser("report", help="(re)build the HTML report of a run directory", allow_abbrev=False,
                         description="Rebuild report.html from a run directory's saved records (also a training "
@@ -145,10 +141,11 @@ def _add_report(sub: Any) -> argparse.ArgumentParser:
     rp.add_argument("--max-questions", type=int, default=30, metavar="N")
     rp.add_argument("--color-config", metavar="NAME", help="configuration that colours the tokens first")
     rp.add_argument("--title", help="page title")
+    _add_debug(rp)
     return rp
 
 
-def _add_compare(sub: Any) -> argparse.ArgumentParser:
+def _add_compare(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``compare``: two run directories side by side."""
     cp = sub.add_parser("compare", help="two runs side by side (e.g. two checkpoints)", allow_abbrev=False,
                         description="Compare two run directories: mean alignment per configuration in each and the "
@@ -157,7 +154,13 @@ def _add_compare(sub: Any) -> argparse.ArgumentParser:
     cp.add_argument("dir_b", metavar="DIR_B")
     cp.add_argument("--names", nargs=2, metavar=("A", "B"), help="labels of the two runs (default: directory names)")
     cp.add_argument("--out", metavar="FILE", default="compare.html", help="HTML file (default: compare.html)")
+    _add_debug(cp)
     return cp
+
+
+def _add_debug(sp: argparse.ArgumentParser) -> None:
+    """``--debug`` after the subcommand too (:func:`opd_callback.cli.main` looks for it anywhere)."""
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -6,13 +6,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opd_callback.cli.errors import PROG, CliError
 from opd_callback.cli.inputs import load_examples, load_reward
 from opd_callback.cli.models import ModelCache, load_tokenizer, pick_device
 from opd_callback.cli.resolve import RunRequest, resolve
 from opd_callback.cli.specs import ConfigSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from opd_callback.core.engine import AlignmentEngine
+    from opd_callback.core.settings import RolloutSettings, TeacherConfig
+    from opd_callback.report import AlignmentReport
 
 __all__ = ["RunPlan", "plan_run", "check_data"]
 
@@ -25,16 +32,16 @@ class RunPlan:
     resuming), the tokenizer, the student, the teacher configurations, the engine and its prepared prompts."""
 
     request: RunRequest
-    settings: Any  # RolloutSettings
+    settings: RolloutSettings
     out: Path
-    previous: Any  # the AlignmentReport saved in ``out`` when resuming, else None
-    device: Any  # torch.device
+    previous: AlignmentReport | None  # the run saved in ``out`` when resuming
+    device: torch.device
     tokenizer_path: str
     tokenizer: Any
-    student: Any
-    configs: list  # TeacherConfig
-    engine: Any = None  # AlignmentEngine
-    prepared: list = dataclasses.field(default_factory=list)
+    student: torch.nn.Module
+    configs: list[TeacherConfig]
+    engine: AlignmentEngine | None = None
+    prepared: list = dataclasses.field(default_factory=list)  # the engine's prepared prompts
 
     def meta(self, argv: list[str]) -> dict:
         """The run's description in ``meta.json`` (the progress counters are added at each save)."""
@@ -83,7 +90,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     return plan
 
 
-def _settings(request: RunRequest) -> Any:
+def _settings(request: RunRequest) -> RolloutSettings:
     """The ``RolloutSettings`` the request describes (its own checks as one-line errors)."""
     from opd_callback.core.settings import RolloutSettings
 
@@ -126,7 +133,7 @@ def _check_template(s: ConfigSpec, row: dict, i: int, data: str) -> None:
         raise CliError(str(exc)) from None
 
 
-def _previous_run(out: Path, settings: Any, resume: bool) -> Any:
+def _previous_run(out: Path, settings: RolloutSettings, resume: bool) -> AlignmentReport | None:
     """The run saved in ``out`` to continue (``--resume``, same settings), None for a fresh run; a run already there
     without ``--resume``, or ``out`` being a file, is refused."""
     if out.exists() and not out.is_dir():
@@ -147,7 +154,7 @@ def _previous_run(out: Path, settings: Any, resume: bool) -> Any:
     return prev
 
 
-def _teacher_configs(specs: list[ConfigSpec], models: ModelCache) -> list:
+def _teacher_configs(specs: list[ConfigSpec], models: ModelCache) -> list[TeacherConfig]:
     """Each spec as a ``TeacherConfig`` with its model loaded (a context on the student's own weights has none)."""
     from opd_callback.core.settings import ContextTeacher, ExternalTeacher, TeacherConfig
 
