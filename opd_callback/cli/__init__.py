@@ -23,9 +23,11 @@ import os
 import sys
 from typing import Sequence
 
+from opd_callback.cli.commands import cmd_compare, cmd_demo, cmd_report
 from opd_callback.cli.errors import PROG, CliError, first_line
 from opd_callback.cli.inputs import load_config_file, load_examples, load_reward, parse_divergence
 from opd_callback.cli.parser import build_parser
+from opd_callback.cli.run import cmd_run
 
 # run's flags and config file as one RunRequest, and the one function that loads a model: ModelCache calls it through
 # this package, so replacing it here proves that bad input fails before any model loads
@@ -41,9 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Bad input ends the command with one line on stderr and status 2; an unexpected error with one line and status 1.
     ``--debug`` (anywhere on the command line) shows the traceback instead."""
-    from opd_callback.cli.commands import cmd_compare, cmd_demo, cmd_report
-    from opd_callback.cli.run import cmd_run
-
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
