@@ -1,4 +1,4 @@
-"""``opd-diagnose`` (opd_callback/cli.py): run / report / compare / demo, config files, errors, Ctrl-C and resume."""
+"""``opd-diagnose`` (opd_callback/cli/): run / report / compare / demo, config files, errors, Ctrl-C and resume."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 12): every bad input gets a clear error that names the argument, before any model is touched,
+"""Hostile inputs: every bad input gets a clear error that names the argument, before any model is touched,
 or the correct result. Categories: settings, teacher configurations, templates, examples and models, reward outputs,
 state, determinism, nodes, files, CLI configs and flags, callback and early-stopping arguments."""
 
@@ -437,7 +437,7 @@ def _no_model_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(cli, "_load_model", refuse)
+    monkeypatch.setattr(cli.models, "load_model", refuse)
 
 
 def _config(tmp_path, cli_lab, extra: str) -> Path:

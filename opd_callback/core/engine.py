@@ -50,7 +50,6 @@ from opd_callback.rollout.base import eval_mode
 __all__ = ["diagnose", "AlignmentEngine", "RewardFunctionError", "no_nodes_message", "select_nodes", "vocab_size",
            "position_limit"]
 
-_check_examples = check_examples  # the CLI imports it under this name
 
 logger = logging.getLogger(__name__)
 
