@@ -35,14 +35,9 @@ SHARPEN = (1.0, 100.0)  # output-head scale: near-uniform next-token distributio
 
 # ---------------------------------------------------------------------------------------------------- tiny exact lab
 def tiny_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from opd_callback.toy import char_tokenizer
 
-    vocab = {"a": 0, "b": 1, "c": 2, "<eos>": 3}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    return char_tokenizer(["a", "b", "c", "<eos>"], eos_token="<eos>", unk_token="<eos>")
 
 
 def tiny_reward(prompts, completions, **kw):

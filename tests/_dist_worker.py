@@ -32,19 +32,10 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from opd_callback.toy import char_tokenizer
 
-    vocab = {t: i for i, t in enumerate([EOS, UNK] + CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens([EOS, UNK])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOS, pad_token=EOS, unk_token=UNK, clean_up_tokenization_spaces=False
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return char_tokenizer([EOS, UNK] + CHARS, eos_token=EOS, unk_token=UNK, special_tokens=[EOS, UNK],
+                          chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
 
 
 def build_model(tok, seed: int = 0, hidden: int = 16):

@@ -14,7 +14,7 @@ other seeds train in a few minutes on CPU and are cached on disk.
 """
 
 from .lab import LAB_VERSION, MODEL_NAMES, ToyLab, build_lab, default_cache_dir, load_lab, shipped_lab_dir
-from .models import make_config, set_generation_config, tiny_random_model
+from .models import make_config, qwen2_config, random_model, set_generation_config, tiny_random_model
 from .task import (
     ANSWER_TEMPLATE,
     MISLEADING_SOLUTION_TEMPLATE,
@@ -27,8 +27,8 @@ from .task import (
     reward_fn,
     solve,
 )
-from .tokenizer import build_tokenizer
-from .train import encode_items, sample_accuracy, sample_completions, train_lm
+from .tokenizer import build_tokenizer, char_tokenizer
+from .train import TrainRecipe, encode_items, sample_accuracy, sample_completions, train_lm
 
 __all__ = [
     "ANSWER_TEMPLATE",
@@ -43,17 +43,21 @@ __all__ = [
     "load_lab",
     "shipped_lab_dir",
     "build_tokenizer",
+    "char_tokenizer",
     "default_cache_dir",
     "encode_items",
     "format_prompt",
     "make_config",
     "make_examples",
     "parse_answer",
+    "qwen2_config",
+    "random_model",
     "reward_fn",
     "sample_accuracy",
     "sample_completions",
     "set_generation_config",
     "solve",
     "tiny_random_model",
+    "TrainRecipe",
     "train_lm",
 ]

@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
-from .models import make_config, set_generation_config
+from .models import tiny_random_model
 from .task import (
     ANSWER_TEMPLATE,
     MISLEADING_TEMPLATE,
@@ -32,7 +32,7 @@ from .task import (
     solve,
 )
 from .tokenizer import build_tokenizer
-from .train import encode_items, num_threads, sample_accuracy, train_lm
+from .train import TrainRecipe, encode_items, num_threads, sample_accuracy, train_lm
 
 __all__ = ["ToyLab", "build_lab", "load_lab", "shipped_lab_dir", "default_cache_dir", "LAB_VERSION", "MODEL_NAMES"]
 
@@ -178,13 +178,11 @@ def _with_wrong_rule(examples: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _new_model(tok, seed: int, recipe: dict) -> Qwen2ForCausalLM:
-    config = make_config(tok, hidden_size=recipe["hidden_size"], num_layers=recipe["num_layers"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    set_generation_config(model, tok)
-    return model
+def _recipe(model_recipe: dict, phase: dict, seed: int) -> TrainRecipe:
+    """The :class:`TrainRecipe` of one training phase of a model (``phase`` is the model's recipe itself for a
+    one-phase model): steps and schedule from ``phase``, batch size and learning rate from ``model_recipe``."""
+    return TrainRecipe(steps=phase["max_steps"], total_steps=phase["total_steps"], warmup=phase.get("warmup", 50),
+                       batch_size=model_recipe["batch_size"], lr=model_recipe["lr"], seed=seed)
 
 
 def _mixture_items(tok, examples: Sequence[dict], mix: dict[str, float], seed: str):
@@ -202,7 +200,7 @@ def _mixture_items(tok, examples: Sequence[dict], mix: dict[str, float], seed: s
 def _train_student(tok, train, val, seed: int, log) -> tuple[Qwen2ForCausalLM, dict]:
     r = RECIPES["student"]
     model_seed = seed * 1000 + 1
-    model = _new_model(tok, model_seed, r)
+    model = tiny_random_model(tok, model_seed, hidden_size=r["hidden_size"], num_layers=r["num_layers"])
     info: dict[str, Any] = {"checks": []}
 
     def note(entry):
@@ -222,8 +220,7 @@ def _train_student(tok, train, val, seed: int, log) -> tuple[Qwen2ForCausalLM, d
 
     opt, n_copy = train_lm(
         model, _mixture_items(tok, train, c["mix"], f"opd-toy-mix:copy:{seed}"), tok.pad_token_id,
-        steps=c["max_steps"], total_steps=c["total_steps"], batch_size=r["batch_size"], lr=r["lr"],
-        seed=model_seed, callback=check_copy, callback_every=c["check_every"],
+        _recipe(r, c, model_seed), callback=check_copy, callback_every=c["check_every"],
     )
     m = r["mix"]
 
@@ -243,8 +240,7 @@ def _train_student(tok, train, val, seed: int, log) -> tuple[Qwen2ForCausalLM, d
 
     _, n_mix = train_lm(
         model, _mixture_items(tok, train, m["mix"], f"opd-toy-mix:mix:{seed}"), tok.pad_token_id,
-        steps=m["max_steps"], total_steps=m["total_steps"], warmup=m["warmup"], batch_size=r["batch_size"],
-        lr=r["lr"], seed=model_seed + 500, optimizer=opt, callback=check_mix, callback_every=m["check_every"],
+        _recipe(r, m, model_seed + 500), optimizer=opt, callback=check_mix, callback_every=m["check_every"],
     )
     info["steps"] = {"copy": n_copy, "mix": n_mix}
     return model, info
@@ -256,7 +252,7 @@ def _train_teacher(name: str, tok, train, val, seed: int, log, init=None) -> tup
     if init is not None:
         model = copy.deepcopy(init)
     else:
-        model = _new_model(tok, model_seed, r)
+        model = tiny_random_model(tok, model_seed, hidden_size=r["hidden_size"], num_layers=r["num_layers"])
     info: dict[str, Any] = {"checks": []}
 
     def check(step, loss):
@@ -270,8 +266,7 @@ def _train_teacher(name: str, tok, train, val, seed: int, log, init=None) -> tup
 
     _, info["steps"] = train_lm(
         model, encode_items(tok, [e["prompt"] for e in train], [e["solution"] for e in train]), tok.pad_token_id,
-        steps=r["max_steps"], total_steps=r["total_steps"], batch_size=r["batch_size"], lr=r["lr"],
-        warmup=r.get("warmup", 50), seed=model_seed, callback=check, callback_every=r["check_every"],
+        _recipe(r, r, model_seed), callback=check, callback_every=r["check_every"],
     )
     return model, info
 

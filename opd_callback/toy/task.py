@@ -18,19 +18,6 @@ import random
 import re
 from typing import Any, Iterable, Sequence
 
-__all__ = [
-    "ANSWER_TEMPLATE",
-    "SOLUTION_TEMPLATE",
-    "MISLEADING_TEMPLATE",
-    "MISLEADING_SOLUTION_TEMPLATE",
-    "TEMPLATES",
-    "solve",
-    "make_examples",
-    "parse_answer",
-    "reward_fn",
-    "format_prompt",
-]
-
 # Privileged-context templates for self-distillation teachers. Each formatted string ends
 # with the example's ``prompt`` so that the completion continues naturally.
 ANSWER_TEMPLATE = "ans {answer}|{prompt}"
