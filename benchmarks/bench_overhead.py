@@ -57,14 +57,9 @@ def make_trainer(lab, out_dir: str, steps: int, with_callback: bool, **cb_kwargs
         learning_rate=1e-4,
         max_completion_length=MAX_COMPLETION,
         logging_steps=10,
-        save_strategy="no",
         report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         seed=0,
+        **toy.CPU_TRAINER_ARGS,
     )
     trainer = DistillationTrainer(
         model=lab.load_model("student"),  # fresh copies: every run starts from the same weights

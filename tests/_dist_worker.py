@@ -128,6 +128,8 @@ def tiny_settings(**kw):
 def distillation_config(output_dir: str, **kw):
     from trl import DistillationConfig
 
+    from opd_callback.toy import CPU_TRAINER_ARGS
+
     base = dict(
         output_dir=output_dir,
         per_device_train_batch_size=2,
@@ -135,14 +137,9 @@ def distillation_config(output_dir: str, **kw):
         max_completion_length=4,
         learning_rate=1e-2,
         logging_steps=1,
-        save_strategy="no",
         report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
         seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **CPU_TRAINER_ARGS,
     )
     base.update(kw)
     return DistillationConfig(**base)

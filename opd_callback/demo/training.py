@@ -57,6 +57,8 @@ def _trainer(run: TrainingRun):
 
     from trl import DistillationConfig, DistillationTrainer
 
+    from opd_callback.toy import CPU_TRAINER_ARGS
+
     student = copy.deepcopy(run.lab.student)  # never train the cached weights in place
     run.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -74,13 +76,9 @@ def _trainer(run: TrainingRun):
         temperature=1.0,
         beta=1.0,
         logging_steps=run.every,
-        save_strategy="no",
         report_to=["wandb"],
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
         seed=run.seed,
-        disable_tqdm=True,
+        **CPU_TRAINER_ARGS,
     )
     return DistillationTrainer(
         model=student,

@@ -28,9 +28,10 @@ from .task import (
     solve,
 )
 from .tokenizer import build_tokenizer, char_tokenizer
-from .train import TrainRecipe, encode_items, sample_accuracy, sample_completions, train_lm
+from .train import CPU_TRAINER_ARGS, TrainRecipe, encode_items, sample_accuracy, sample_completions, train_lm
 
 __all__ = [
+    "CPU_TRAINER_ARGS",
     "ANSWER_TEMPLATE",
     "SOLUTION_TEMPLATE",
     "MISLEADING_TEMPLATE",

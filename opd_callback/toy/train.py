@@ -12,7 +12,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .task import format_prompt, reward_fn
 
-__all__ = ["encode_items", "TrainRecipe", "train_lm", "sample_accuracy", "sample_completions", "num_threads"]
+__all__ = ["CPU_TRAINER_ARGS", "encode_items", "TrainRecipe", "train_lm", "sample_accuracy", "sample_completions", "num_threads"]
+
+#: ``TrainingArguments`` of a toy-sized trainer run on CPU (TRL trainers in the demo, tests and benchmarks): full
+#: precision, no checkpoints, no gradient checkpointing, no progress bar, data loaded in the main process.
+CPU_TRAINER_ARGS = dict(
+    save_strategy="no",
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+)
 
 
 @contextlib.contextmanager
