@@ -113,6 +113,7 @@ class ToyLab:
     # -- models -------------------------------------------------------------------------
     @property
     def models(self) -> dict[str, Qwen2ForCausalLM]:
+        """The four models by name (``MODEL_NAMES``)."""
         return {name: getattr(self, name) for name in MODEL_NAMES}
 
     def model_path(self, name: str) -> Path:
@@ -143,13 +144,18 @@ class ToyLab:
         return [format_prompt(e, tpl) for e in examples]
 
     # -- evaluation ---------------------------------------------------------------------
-    def sample_accuracy(self, model: str | torch.nn.Module, n: int | None = None, context: str | None = None, **kwargs) -> float:
+    def sample_accuracy(
+        self, model: str | torch.nn.Module, n: int | None = None, context: str | None = None, **kwargs
+    ) -> float:
         """Sampled accuracy of a model (or model name) on the probe set."""
         if isinstance(model, str):
             model = getattr(self, model)
-        return sample_accuracy(model, self.tokenizer, self.probe_examples, n=n, template=self.template(context), **kwargs)
+        return sample_accuracy(
+            model, self.tokenizer, self.probe_examples, n=n, template=self.template(context), **kwargs
+        )
 
     def accuracy_table(self) -> str:
+        """The lab's sampled accuracies as a two-column text table."""
         width = max(len(k) for k in self.accuracy)
         lines = [f"{'model':<{width}}  sampled acc (T=1, n={self.meta.get('n_probe', len(self.probe_examples))})"]
         lines += [f"{k:<{width}}  {v:.3f}" for k, v in self.accuracy.items()]
@@ -361,7 +367,9 @@ def _run_workers(out_dir: Path, seed: int, verbose: bool, threads: int = 1) -> l
         for proc, result_path in procs:
             rc = proc.wait()
             if rc != 0 or not result_path.is_file():
-                raise RuntimeError(f"opd_callback.toy training worker failed with exit code {rc} (see its stderr above)")
+                raise RuntimeError(
+                    f"opd_callback.toy training worker failed with exit code {rc} (see its stderr above)"
+                )
             results.append(json.loads(result_path.read_text()))
             result_path.unlink()
     finally:

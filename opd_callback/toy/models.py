@@ -74,7 +74,9 @@ def random_model(config: Qwen2Config, seed: int, *, fork_rng: bool = True) -> Qw
     return model.eval()
 
 
-def set_generation_config(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 48) -> None:
+def set_generation_config(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 48
+) -> None:
     """Plain ancestral sampling at temperature 1 (diagnostic engines override this anyway)."""
     model.generation_config = GenerationConfig(
         do_sample=True,

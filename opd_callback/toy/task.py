@@ -160,7 +160,9 @@ def _same_number(x: str | None, y: Any) -> bool:
     return x == y
 
 
-def reward_fn(prompts: Sequence[Any] | None, completions: Sequence[Any], answer: Iterable[Any], **kwargs) -> list[float]:
+def reward_fn(
+    prompts: Sequence[Any] | None, completions: Sequence[Any], answer: Iterable[Any], **kwargs
+) -> list[float]:
     """TRL-style reward: 1.0 when the final answer of ``completions[i]`` equals ``answer[i]``."""
     answers = list(answer)
     if len(answers) != len(completions):

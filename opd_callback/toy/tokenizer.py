@@ -1,4 +1,5 @@
-"""A character-level tokenizer with a ChatML-like chat template (no Hub access needed)."""
+"""Character-level tokenizers (no Hub access needed): :func:`char_tokenizer`, the one builder of the toy lab, the
+tests and the benchmarks, and :func:`build_tokenizer`, the toy lab's (printable ASCII, ChatML-like chat template)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["build_tokenizer", "char_tokenizer", "EOS_TOKEN", "PAD_TOKEN", "UNK_TOKEN", "IM_START", "IM_END", "CHAT_TEMPLATE"]
+__all__ = [
+    "build_tokenizer", "char_tokenizer", "EOS_TOKEN", "PAD_TOKEN", "UNK_TOKEN", "IM_START", "IM_END", "CHAT_TEMPLATE"
+]
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = EOS_TOKEN  # pad == eos on purpose (as in many real chat models)

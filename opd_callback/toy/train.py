@@ -12,7 +12,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .task import format_prompt, reward_fn
 
-__all__ = ["CPU_TRAINER_ARGS", "encode_items", "TrainRecipe", "train_lm", "sample_accuracy", "sample_completions", "num_threads"]
+__all__ = [
+    "CPU_TRAINER_ARGS", "encode_items", "TrainRecipe", "train_lm", "sample_accuracy", "sample_completions",
+    "num_threads",
+]
 
 #: ``TrainingArguments`` of a toy-sized trainer run on CPU (TRL trainers in the demo, tests and benchmarks): full
 #: precision, no checkpoints, no gradient checkpointing, no progress bar, data loaded in the main process.
