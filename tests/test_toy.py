@@ -224,7 +224,7 @@ def _fake_train_all(calls):
 
 def test_cache_lock_and_force(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(lab_mod, "_train_all", _fake_train_all(calls))
+    monkeypatch.setattr(lab_mod, "train_all", _fake_train_all(calls))
     labs = []
     threads = [threading.Thread(target=lambda: labs.append(build_lab(tmp_path, seed=7, verbose=False))) for _ in range(3)]
     for t in threads:
