@@ -6,6 +6,11 @@ teacher, wrong-rule teacher, and a hard wrong teacher: the strong teacher fine-t
 wrong rule). The lab of seed 0 is shipped with the package (identical on every machine);
 other seeds train in a few minutes on CPU and are cached on disk.
 
+Modules: ``task`` (the task, prompts, reward), ``tokenizer`` (``char_tokenizer``, ``build_tokenizer``), ``models``
+(``qwen2_config``, ``random_model``, ``tiny_random_model``: with ``char_tokenizer`` the one tokenizer and model builder
+of the lab, the tests and the benchmarks), ``train`` (``TrainRecipe``, ``train_lm``, sampled accuracy), ``spec``
+(version, model names, data split), ``build`` (training a lab), ``lab`` (``ToyLab``, loading and the cache).
+
 >>> from opd_callback.toy import build_lab, solve
 >>> solve(367, 485)
 '7+5+0=12,6+8+1=15,3+4+1=08>852'
