@@ -4,10 +4,10 @@ Truth: (a) exact enumeration on random Qwen2s small enough to enumerate every co
 4 seeds), once with near-uniform next-token distributions (output head as initialised) and once with peaked, LM-like
 ones (head scaled by 100: mean node entropy ~0.3 nats); (b) on the toy lab, a reference run with 20x the largest
 uniform budget on the same nodes (base rollouts pinned, 3 seeds); since that reference is itself noisy, also the
-errors on the rows two references agree on, and the seed-to-seed disagreement (a precision measure without truth). The error of a (node, configuration) row is
-|alignment_hat - alignment_true| (a degenerate estimate or truth counts as 0); ``needed`` interpolates, in log budget,
-the continuations per node at which the mean error crosses 0.05. The headline (uniform / adaptive continuations at
-the target, exact truth, LM-like models) is printed last.
+errors on the rows two references agree on, and the seed-to-seed disagreement (a precision measure without truth).
+The error of a (node, configuration) row is |alignment_hat - alignment_true| (a degenerate estimate or truth counts
+as 0); ``needed`` interpolates, in log budget, the continuations per node at which the mean error crosses 0.05. The
+headline (uniform / adaptive continuations at the target, exact truth, LM-like models) is printed last.
 
 Usage: ``python benchmarks/bench_efficiency.py [--quick] [--no-toy]`` (about 10 minutes on 2 CPU cores).
 """
@@ -35,14 +35,9 @@ SHARPEN = (1.0, 100.0)  # output-head scale: near-uniform next-token distributio
 
 # ---------------------------------------------------------------------------------------------------- tiny exact lab
 def tiny_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from opd_callback.toy import char_tokenizer
 
-    vocab = {"a": 0, "b": 1, "c": 2, "<eos>": 3}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    return char_tokenizer(["a", "b", "c", "<eos>"], eos_token="<eos>", unk_token="<eos>")
 
 
 def tiny_reward(prompts, completions, **kw):
@@ -89,10 +84,11 @@ def true_alignment(report, model_s, configs, tok, T, cache):
             prompt_ids = tok(prompt, add_special_tokens=False).input_ids
             s = exact_successes(model_s, prompt_ids, y[:pos], T - pos - 1, tok)
             V = len(s)
-            z = next_token_logits(model_s, [prompt_ids + y], [[len(prompt_ids) + pos]], pad_id=tok.eos_token_id)[0][0]
-            zts = [next_token_logits(c.teacher.model, [prompt_ids + y], [[len(prompt_ids) + pos]], pad_id=tok.eos_token_id)[0][0]
-                   for c in configs]
-            ns = score_node(z, zts, [c.divergence for c in configs], torch.arange(V), torch.tensor(s, dtype=torch.float64), y[pos])
+            seq, at = [prompt_ids + y], [[len(prompt_ids) + pos]]
+            z = next_token_logits(model_s, seq, at, pad_id=tok.eos_token_id)[0][0]
+            zts = [next_token_logits(c.teacher.model, seq, at, pad_id=tok.eos_token_id)[0][0] for c in configs]
+            ns = score_node(z, zts, [c.divergence for c in configs], torch.arange(V),
+                            torch.tensor(s, dtype=torch.float64), y[pos])
             cache[key] = [sc.alignment if not sc.degenerate else 0.0 for sc in ns.configs]
         out.update({(pi, ri, pos, c.name): a for c, a in zip(configs, cache[key])})
     return out
@@ -105,7 +101,8 @@ def row_alignments(report):
 
 
 def mean_error(est, truth, keep=None):
-    """Mean |alignment_hat - truth| over the rows of ``est`` (:func:`row_alignments`; only keys in ``keep``, if given)."""
+    """Mean |alignment_hat - truth| over the rows of ``est`` (:func:`row_alignments`; only keys in ``keep``, if
+    given)."""
     return float(np.mean([abs(a - truth[k]) for k, a in est.items() if keep is None or k in keep]))
 
 
@@ -134,10 +131,11 @@ def sweep(student, tok, examples, configs, base_settings, budgets, seeds, truth_
         if keep is not None:
             row["mean_abs_error_kept"] = float(np.mean(kept))
         if pairwise:
-            row["seed_disagreement"] = float(np.mean([abs(a[k] - b[k]) for a, b in itertools.combinations(ests, 2) for k in a]))
+            pairs = itertools.combinations(ests, 2)
+            row["seed_disagreement"] = float(np.mean([abs(a[k] - b[k]) for a, b in pairs for k in a]))
         rows.append(row)
-        print(f"  {'adaptive' if adaptive else 'uniform ':<8} n={n:<4} continuations/node={row['continuations_per_node']:7.1f} "
-              f"mean|err|={row['mean_abs_error']:.4f}"
+        print(f"  {'adaptive' if adaptive else 'uniform ':<8} n={n:<4} "
+              f"continuations/node={row['continuations_per_node']:7.1f} mean|err|={row['mean_abs_error']:.4f}"
               + (f"  on resolved nodes {row['mean_abs_error_kept']:.4f}" if keep is not None else "")
               + (f"  seed-to-seed |diff| {row['seed_disagreement']:.4f}" if pairwise else ""))
     return rows
@@ -205,7 +203,8 @@ class FrozenBases(TransformersBackend):
 
 def toy_part(quick):
     """Uniform vs adaptive on the toy lab (a trained 145K-parameter student), against a reference with 20x the largest
-    uniform budget on the same nodes (base rollouts pinned by :class:`FrozenBases`; nodes = highest-entropy positions)."""
+    uniform budget on the same nodes (base rollouts pinned by :class:`FrozenBases`; nodes = highest-entropy
+    positions)."""
     from opd_callback import toy
 
     lab = toy.build_lab(verbose=False)
@@ -225,18 +224,21 @@ def toy_part(quick):
     def backend():
         return FrozenBases(lab.student, store, eos_ids=[eos], pad_id=eos, batch_size=512)
 
+    def reference(seed):
+        settings = oc.RolloutSettings(**{**base, "seed": seed, "rollouts_per_branch": ref_n})
+        return oc.diagnose(lab.student, lab.tokenizer, examples, reward_fn=toy.reward_fn, configs=configs,
+                           backend=backend(), settings=settings, progress=False)
+
     print(f"toy lab: reference with rollouts_per_branch={ref_n} (20x the largest budget) ...")
-    ref = oc.diagnose(lab.student, lab.tokenizer, examples, reward_fn=toy.reward_fn, configs=configs, backend=backend(),
-                      settings=oc.RolloutSettings(**{**base, "seed": 10_000, "rollouts_per_branch": ref_n}), progress=False)
+    ref = reference(10_000)
     truth = row_alignments(ref)
     # the reference is itself an estimate: a second one with other continuations on the same nodes measures its noise
-    ref2 = oc.diagnose(lab.student, lab.tokenizer, examples, reward_fn=toy.reward_fn, configs=configs, backend=backend(),
-                       settings=oc.RolloutSettings(**{**base, "seed": 10_001, "rollouts_per_branch": ref_n}), progress=False)
-    second = row_alignments(ref2)
+    second = row_alignments(reference(10_001))
     disagreement = mean_error(second, truth)
     # rows whose truth the reference resolves: the two references agree to 0.05 (chosen from the references only)
     resolved = {k for k, a in truth.items() if abs(a - second[k]) <= TARGET}
-    shape = {"reference_disagreement": disagreement, "resolved_rows": len(resolved), "rows": len(truth), "prompts": len(examples), "nodes": int(ref.meta["nodes"]), "reference_rollouts_per_branch": ref_n,
+    shape = {"reference_disagreement": disagreement, "resolved_rows": len(resolved), "rows": len(truth),
+             "prompts": len(examples), "nodes": int(ref.meta["nodes"]), "reference_rollouts_per_branch": ref_n,
              "reference_continuations": int(ref.meta["continuations"]),
              "reference_degenerate_fraction": float(ref.records["degenerate"].mean()),
              "mean_node_entropy": float(ref.records["student_entropy"].mean()),
@@ -266,7 +268,8 @@ def main(argv=None):
         for metric in metrics:
             label = name if metric == "mean_abs_error" else f"{name}_resolved_rows"
             nu, na = needed(out["rows"], False, metric), needed(out["rows"], True, metric)
-            res["needed"][label] = {"uniform": nu, "adaptive": na, "ratio_uniform_over_adaptive": nu / na if na == na and na else None}
+            res["needed"][label] = {"uniform": nu, "adaptive": na,
+                                    "ratio_uniform_over_adaptive": nu / na if na == na and na else None}
             print(f"  {label}: continuations/node for mean|err| <= {TARGET}: uniform {nu:.0f}, adaptive {na:.0f} "
                   f"(nan = not reached within the grid)")
     path = write_result("efficiency", res)

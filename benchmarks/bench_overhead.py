@@ -2,11 +2,12 @@
 
 Toy lab (``opd_callback.toy``): the student is distilled from the strong teacher for ``--steps`` optimizer steps
 (default 1000). The callback runs at its default cadence: the time budget (``every_n_steps=None``: first diagnostic at
-step 50, later ones scheduled so that diagnostics take at most ``max_overhead=10%`` of training time). Runs *with* the callback (its defaults: ``RolloutSettings()`` with the trainer's
-temperature and completion length, a probe of 8 rows sampled from the training set, records saved; configurations
-``current`` = strong teacher reverse KL, plus ``self+answer`` and ``self+solution``, as in the demo) and *without* it
-run in ``--repeats`` alternated pairs (default 3; the order inside a pair alternates too); the headline is the
-**median of the per-pair overheads** (the machine is shared and noisy: a pair's two runs see similar load).
+step 50, later ones scheduled so that diagnostics take at most ``max_overhead=10%`` of training time). Runs *with*
+the callback (its defaults: ``RolloutSettings()`` with the trainer's temperature and completion length, a probe of
+8 rows sampled from the training set, records saved; configurations ``current`` = strong teacher reverse KL, plus
+``self+answer`` and ``self+solution``, as in the demo) and *without* it run in ``--repeats`` alternated pairs
+(default 3; the order inside a pair alternates too); the headline is the **median of the per-pair overheads** (the
+machine is shared and noisy: a pair's two runs see similar load).
 
 Peak memory: in two fresh subprocesses (same trainer, models loaded, one warm-up step done), the peak RSS increase
 over the current RSS of (a) one training step and (b) one diagnostic pass, read from ``VmHWM`` after resetting it
@@ -57,14 +58,9 @@ def make_trainer(lab, out_dir: str, steps: int, with_callback: bool, **cb_kwargs
         learning_rate=1e-4,
         max_completion_length=MAX_COMPLETION,
         logging_steps=10,
-        save_strategy="no",
         report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         seed=0,
+        **toy.CPU_TRAINER_ARGS,
     )
     trainer = DistillationTrainer(
         model=lab.load_model("student"),  # fresh copies: every run starts from the same weights
@@ -245,8 +241,8 @@ def main() -> None:
             if with_cb:
                 diag = " diagnostics " + ", ".join(
                     f"step {d['step']}: {d['seconds']:.2f}s/{d['continuations']:.0f} cont." for d in res["diagnostics"])
-            print(f"[overhead] pair {r + 1} {'with   ' if with_cb else 'without'} callback: {res['wall_s']:7.2f}s{diag}",
-                  flush=True)
+            arm = "with   " if with_cb else "without"
+            print(f"[overhead] pair {r + 1} {arm} callback: {res['wall_s']:7.2f}s{diag}", flush=True)
         pairs.append(pair[True] / pair[False] - 1.0)
         print(f"[overhead] pair {r + 1}: overhead {pairs[-1]:+.1%}", flush=True)
 

@@ -5,8 +5,8 @@ counts, and training amplifies it). This benchmark trains (or loads) several lab
 process, seed 4 with two -- and measures on each:
 
 1. **Training-free diagnostic** (the demo's settings and configurations, the hard wrong teacher included): every
-   configuration-level metric of :data:`opd_callback.report.stats.METRICS` with its question-bootstrap CI, and whether the
-   paired CI of ``strong - bad`` excludes 0 for each bad configuration (wrong, hard-wrong, misleading), at the full
+   configuration-level metric of :data:`opd_callback.report.stats.METRICS` with its question-bootstrap CI, and whether
+   the paired CI of ``strong - bad`` excludes 0 for each bad configuration (wrong, hard-wrong, misleading), at the full
    probe budget and at half of it (the first half of the probe questions).
 2. **Early stopping**: ``DistillationTrainer`` runs with the strong, the wrong and the hard-wrong teacher as the
    trainer's teacher and ``AlignmentEarlyStopping()`` with its defaults (the demo's training settings): does it stop,
@@ -61,7 +61,7 @@ def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
     import opd_callback as oc
     from opd_callback import toy
     from opd_callback.report import stats
-    from opd_callback.demo import demo_configs, demo_settings
+    from opd_callback.demo.configs import demo_configs, demo_settings
 
     if (rec / "records.parquet").exists():
         report = oc.AlignmentReport.load(rec)
@@ -74,7 +74,9 @@ def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
         report.save(rec)
     result = {"success_rate": report.success_rate, "nodes": report.n_nodes,
               "continuations": report.meta.get("continuations"), "seconds": report.meta.get("wall_seconds")}
-    for label, rep in (("full", report), ("half", _first_questions(report, n_prompts // 2)), ("third", _first_questions(report, n_prompts // 3))):
+    budgets = (("full", report), ("half", _first_questions(report, n_prompts // 2)),
+               ("third", _first_questions(report, n_prompts // 3)))
+    for label, rep in budgets:
         table = stats.metric_table(rep)
         table = table[table["subset"] == "all"]
         per = {}
@@ -90,12 +92,12 @@ def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
             per[metric]["separates"] = {b: bool(per[metric][b]["diff_ci"][1] is not None
                                                 and per[metric][b]["diff_ci"][1] < 0) for b in BAD}
             # absolute verdicts at 0, no reference needed: the bad configuration's CI below 0, the strong one's above
-            per[metric]["bad_below_zero"] = {b: bool(per[metric][b]["ci"][1] is not None and per[metric][b]["ci"][1] < 0)
-                                             for b in BAD}
+            per[metric]["bad_below_zero"] = {b: bool(per[metric][b]["ci"][1] is not None
+                                                     and per[metric][b]["ci"][1] < 0) for b in BAD}
             lo = per[metric]["strong-teacher"]["ci"][0]
             per[metric]["strong_above_zero"] = bool(lo is not None and lo > 0)
-            order = sorted(t.index, key=lambda c: -(_num(t.loc[c, "value"]) if _num(t.loc[c, "value"]) is not None else -9))
-            per[metric]["ranking"] = order
+            value = {c: _num(t.loc[c, "value"]) for c in t.index}
+            per[metric]["ranking"] = sorted(t.index, key=lambda c: -(value[c] if value[c] is not None else -9))
         result[label] = per
     by_corr = {}
     for subset in ("correct", "incorrect"):
@@ -210,7 +212,8 @@ def print_tables(results: dict) -> None:
             d = results["labs"][name].get("diagnose", {}).get(selection, {}).get("full", {}).get(metric)
             if not d:
                 continue
-            configs = configs or [c for c in d if c not in ("separates", "ranking", "bad_below_zero", "strong_above_zero")]
+            verdicts = ("separates", "ranking", "bad_below_zero", "strong_above_zero")
+            configs = configs or [c for c in d if c not in verdicts]
             if name == labs[0]:
                 print(f"{'lab':<16}" + "".join(f"{c[:18]:>20}" for c in configs))
             cells = []
@@ -222,8 +225,8 @@ def print_tables(results: dict) -> None:
         seps = [sum(results["labs"][n]["diagnose"][selection]["full"][metric]["separates"][b] for n in labs
                     if "diagnose" in results["labs"][n]) for b in BAD]
         print("separates strong from " + ", ".join(f"{b}: {s}/{len(labs)}" for b, s in zip(BAD, seps)))
-    print("\n== summary over labs: paired separation of strong from each bad configuration / bad CI below 0 / strong CI "
-          "above 0 ==")
+    print("\n== summary over labs: paired separation of strong from each bad configuration / bad CI below 0 / strong "
+          "CI above 0 ==")
     names = [n for n in labs if "diagnose" in results["labs"][n]]
     for selection in SELECTIONS:
         for budget in ("full", "half", "third"):
@@ -263,8 +266,8 @@ def markdown(results: dict) -> str:
     from opd_callback.report import stats
 
     labs = [n for n in results["labs"] if "diagnose" in results["labs"][n]]
-    out = ["| lab (CPU threads) | student / strong / wrong / hard-wrong acc. | teacher_gain: strong | wrong | hard-wrong "
-           "| misleading | self+solution | early stop (strong / wrong / hard-wrong) |", "|" + "---|" * 8]
+    out = ["| lab (CPU threads) | student / strong / wrong / hard-wrong acc. | teacher_gain: strong | wrong "
+           "| hard-wrong | misleading | self+solution | early stop (strong / wrong / hard-wrong) |", "|" + "---|" * 8]
     for n in labs:
         e = results["labs"][n]
         acc = e["accuracy"]

@@ -45,19 +45,10 @@ def write_result(name: str, payload: dict) -> Path:
 
 def random_qwen2(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, eos: int, seed: int = 0,
                  dtype=torch.float32, device="cpu"):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A random Qwen2 (``opd_callback.toy``'s builder; EOS doubles as PAD, 4096 positions) seeded with ``seed`` through
+    the global RNG, cast to ``dtype`` on ``device``; in eval mode."""
+    from opd_callback.toy import qwen2_config, random_model
 
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    cfg = qwen2_config(vocab_size, eos, eos, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv_heads, max_position_embeddings=4096)
+    return random_model(cfg, seed, fork_rng=False).to(device=device, dtype=dtype)

@@ -32,19 +32,10 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from opd_callback.toy import char_tokenizer
 
-    vocab = {t: i for i, t in enumerate([EOS, UNK] + CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens([EOS, UNK])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOS, pad_token=EOS, unk_token=UNK, clean_up_tokenization_spaces=False
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return char_tokenizer([EOS, UNK] + CHARS, eos_token=EOS, unk_token=UNK, special_tokens=[EOS, UNK],
+                          chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
 
 
 def build_model(tok, seed: int = 0, hidden: int = 16):
@@ -137,6 +128,8 @@ def tiny_settings(**kw):
 def distillation_config(output_dir: str, **kw):
     from trl import DistillationConfig
 
+    from opd_callback.toy import CPU_TRAINER_ARGS
+
     base = dict(
         output_dir=output_dir,
         per_device_train_batch_size=2,
@@ -144,14 +137,9 @@ def distillation_config(output_dir: str, **kw):
         max_completion_length=4,
         learning_rate=1e-2,
         logging_steps=1,
-        save_strategy="no",
         report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
         seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **CPU_TRAINER_ARGS,
     )
     base.update(kw)
     return DistillationConfig(**base)

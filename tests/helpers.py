@@ -1,6 +1,7 @@
-"""Tiny, self-contained test fixtures: a character-level tokenizer, tiny random Qwen2 models, plain (unbatched,
-unpadded, uncached) forward passes, exact enumeration of success probabilities, and a backend wrapper that records
-calls. Nothing here uses the package's rollout code, so it can serve as independent truth."""
+"""Tiny, self-contained test fixtures: character-level tokenizers and tiny random Qwen2 models (built by
+``opd_callback.toy``'s builders), plain (unbatched, unpadded, uncached) forward passes, exact enumeration of success
+probabilities, and a backend wrapper that records calls. Nothing here uses the package's rollout code, so it can serve
+as independent truth."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import math
 from typing import Callable, Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from opd_callback.rollout import RolloutBackend
+from opd_callback.toy import char_tokenizer, qwen2_config, random_model
 
 EOS = "</s>"
 PAD = "<pad>"
@@ -28,18 +29,15 @@ def make_tokenizer(
     unk: bool = False,
     chat_template: str | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Character-level WordLevel tokenizer. Ids: EOS=0, then PAD (unless pad_is_eos), then the characters, then UNK."""
+    """Character-level tokenizer. Ids: EOS=0, then PAD (unless pad_is_eos), then the characters, then UNK."""
     vocab = [EOS] + ([] if pad_is_eos else [PAD]) + list(chars) + ([UNK] if unk else [])
-    tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token=UNK if unk else None))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tk.decoder = decoders.Fuse()
-    kw = {"unk_token": UNK} if unk else {}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token=EOS, pad_token=EOS if pad_is_eos else PAD, **kw
-    )
-    if chat_template is not None:
-        tok.chat_template = chat_template
-    return tok
+    return char_tokenizer(vocab, eos_token=EOS, pad_token=EOS if pad_is_eos else PAD, unk_token=UNK if unk else None,
+                          chat_template=chat_template)
+
+
+def eos_char_tokenizer(chars: Sequence[str]) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with ``<eos>`` (id 0, also PAD) then ``chars``; other characters read as EOS."""
+    return char_tokenizer(["<eos>", *chars], eos_token="<eos>", unk_token="<eos>")
 
 
 def tiny_qwen2(
@@ -55,23 +53,12 @@ def tiny_qwen2(
     init: float = 0.02,
     max_positions: int = 128,
 ) -> Qwen2ForCausalLM:
-    """A tiny random Qwen2 (untied head, no BOS), deterministic from ``seed``; in eval mode."""
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
-        initializer_range=init,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    """A tiny random Qwen2 (untied head, no BOS, intermediate size 2x hidden), deterministic from ``seed`` (which
+    seeds the global RNG, as ``torch.manual_seed`` would); in eval mode."""
+    config = qwen2_config(vocab_size, eos_id, pad_id, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                          num_kv_heads=kv_heads, intermediate_size=2 * hidden, max_position_embeddings=max_positions,
+                          initializer_range=init)
+    return random_model(config, seed, fork_rng=False)
 
 
 def make_model(tokenizer, *, seed: int, hidden: int = 16, init: float = 0.5, layers: int = 1) -> Qwen2ForCausalLM:

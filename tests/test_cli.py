@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from helpers import eos_char_tokenizer, tiny_qwen2
 
 from opd_callback import cli
 from opd_callback.core.engine import AlignmentEngine
@@ -27,22 +25,14 @@ FAST = ["--num-rollouts", "2", "--max-new-tokens", "5", "--rollouts-per-branch",
 
 
 def _save_model(path: Path, tok, seed: int) -> None:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(CHARS) + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
-                      max_position_embeddings=64, eos_token_id=0, pad_token_id=0)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tiny_qwen2(len(CHARS) + 1, eos_id=0, pad_id=0, seed=seed, max_positions=64).save_pretrained(path)
     tok.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli_lab")
-    vocab = {t: i for i, t in enumerate(["<eos>"] + CHARS)}
-    bt = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
-    bt.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    bt.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=bt, eos_token="<eos>", pad_token="<eos>")
+    tok = eos_char_tokenizer(CHARS)
     _save_model(root / "student", tok, 0)
     _save_model(root / "teacher", tok, 1)
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (2, 5)]]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from helpers import eos_char_tokenizer, tiny_qwen2
+from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 import opd_callback as oc
 from opd_callback.core import param_space
@@ -18,19 +18,11 @@ CHARS = list("0123456789+=> ab")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {t: i for i, t in enumerate(["<eos>"] + CHARS)}
-    bt = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
-    bt.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    bt.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=bt, eos_token="<eos>", pad_token="<eos>")
+    return eos_char_tokenizer(CHARS)
 
 
 def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 16) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(CHARS) + 1, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                      tie_word_embeddings=False, max_position_embeddings=64, eos_token_id=0, pad_token_id=0)
-    return Qwen2ForCausalLM(cfg).eval()
+    return tiny_qwen2(len(CHARS) + 1, eos_id=0, pad_id=0, seed=seed, hidden=hidden, layers=layers, max_positions=64)
 
 
 def reward(prompts, completions, answer, **kw):

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from helpers import tiny_qwen2
+from transformers import Qwen2ForCausalLM
 
 from opd_callback.rollout import TransformersBackend, next_token_logits
 
@@ -15,19 +16,8 @@ EOS = 6
 
 
 def _model(seed: int = 0, layers: int = 2) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-        tie_word_embeddings=False,
-    )
-    m = Qwen2ForCausalLM(cfg).eval()
+    m = tiny_qwen2(V, eos_id=EOS, pad_id=EOS, seed=seed, hidden=32, layers=layers, heads=4, kv_heads=2,
+                   max_positions=32768)  # Qwen2Config's default
     m.generation_config.top_k = 1  # must be ignored
     m.generation_config.top_p = 0.3
     return m

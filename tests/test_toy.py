@@ -198,7 +198,7 @@ def test_sample_accuracy_and_training_smoke(tok):
     # a few steps of the training loop reduce the loss
     items = toy.encode_items(tok, [e["prompt"] for e in ex], [e["solution"] for e in ex])
     losses = []
-    toy.train_lm(m, items, tok.pad_token_id, steps=40, batch_size=16, lr=3e-3, warmup=5,
+    toy.train_lm(m, items, tok.pad_token_id, toy.TrainRecipe(steps=40, batch_size=16, lr=3e-3, warmup=5),
                  callback=lambda step, loss: losses.append(loss) and False, callback_every=10)
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert not m.training
@@ -224,7 +224,7 @@ def _fake_train_all(calls):
 
 def test_cache_lock_and_force(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(lab_mod, "_train_all", _fake_train_all(calls))
+    monkeypatch.setattr(lab_mod, "train_all", _fake_train_all(calls))
     labs = []
     threads = [threading.Thread(target=lambda: labs.append(build_lab(tmp_path, seed=7, verbose=False))) for _ in range(3)]
     for t in threads:

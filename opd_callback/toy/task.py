@@ -18,19 +18,6 @@ import random
 import re
 from typing import Any, Iterable, Sequence
 
-__all__ = [
-    "ANSWER_TEMPLATE",
-    "SOLUTION_TEMPLATE",
-    "MISLEADING_TEMPLATE",
-    "MISLEADING_SOLUTION_TEMPLATE",
-    "TEMPLATES",
-    "solve",
-    "make_examples",
-    "parse_answer",
-    "reward_fn",
-    "format_prompt",
-]
-
 # Privileged-context templates for self-distillation teachers. Each formatted string ends
 # with the example's ``prompt`` so that the completion continues naturally.
 ANSWER_TEMPLATE = "ans {answer}|{prompt}"
@@ -173,7 +160,9 @@ def _same_number(x: str | None, y: Any) -> bool:
     return x == y
 
 
-def reward_fn(prompts: Sequence[Any] | None, completions: Sequence[Any], answer: Iterable[Any], **kwargs) -> list[float]:
+def reward_fn(
+    prompts: Sequence[Any] | None, completions: Sequence[Any], answer: Iterable[Any], **kwargs
+) -> list[float]:
     """TRL-style reward: 1.0 when the final answer of ``completions[i]`` equals ``answer[i]``."""
     answers = list(answer)
     if len(answers) != len(completions):

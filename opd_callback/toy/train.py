@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -11,7 +12,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .task import format_prompt, reward_fn
 
-__all__ = ["encode_items", "train_lm", "sample_accuracy", "sample_completions", "num_threads"]
+__all__ = [
+    "CPU_TRAINER_ARGS", "encode_items", "TrainRecipe", "train_lm", "sample_accuracy", "sample_completions",
+    "num_threads",
+]
+
+#: ``TrainingArguments`` of a toy-sized trainer run on CPU (TRL trainers in the demo, tests and benchmarks): full
+#: precision, no checkpoints, no gradient checkpointing, no progress bar, data loaded in the main process.
+CPU_TRAINER_ARGS = dict(
+    save_strategy="no",
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+)
 
 
 @contextlib.contextmanager
@@ -71,76 +86,93 @@ def _micro_batches(idx: list[int], items: Sequence[tuple[list[int], int]], ratio
     return groups
 
 
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How :func:`train_lm` trains: AdamW (``weight_decay`` on matrices only, betas 0.9/0.98) for up to ``steps``
+    steps of ``batch_size`` items in an order deterministic from ``seed``; learning rate: linear warmup over
+    ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps`` (default ``steps``), constant
+    afterwards."""
+
+    steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    seed: int = 0
+    total_steps: int | None = None
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) ``step``."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        total = self.total_steps or self.steps
+        frac = min(1.0, (step - self.warmup) / max(1, total - self.warmup))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def optimizer(self, model: PreTrainedModel) -> torch.optim.Optimizer:
+        """A fresh AdamW over ``model``'s parameters (no weight decay on vectors: biases and norms)."""
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=(0.9, 0.98),
+        )
+
+
+def _batch_loss(model: PreTrainedModel, items: Sequence[tuple[list[int], int]], idx: list[int], pad_id: int) -> float:
+    """Backpropagate the mean cross-entropy over the completion tokens of the batch ``idx`` (run as micro-batches of
+    similar length); returns the loss."""
+    n_tokens = sum(len(items[i][0]) - items[i][1] for i in idx)
+    loss = 0.0
+    for group in _micro_batches(idx, items):
+        input_ids, attn, labels = _collate([items[i] for i in group], pad_id)
+        logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
+        part = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        ) / n_tokens
+        part.backward()
+        loss += part.item()
+    return loss
+
+
 def train_lm(
     model: PreTrainedModel,
     items: Sequence[tuple[list[int], int]],
     pad_id: int,
-    steps: int,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    weight_decay: float = 0.01,
-    warmup: int = 50,
-    min_lr_ratio: float = 0.1,
-    seed: int = 0,
-    total_steps: int | None = None,
+    recipe: TrainRecipe,
+    *,
     optimizer: torch.optim.Optimizer | None = None,
     callback: Callable[[int, float], bool] | None = None,
     callback_every: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[torch.optim.Optimizer, int]:
-    """Train ``model`` with AdamW on completion tokens for up to ``steps`` steps.
+    """Train ``model`` on completion tokens as ``recipe`` says.
 
     ``items`` are ``(token_ids, prompt_len)`` pairs (see :func:`encode_items`); the loss covers
-    ``token_ids[prompt_len:]`` only. Learning rate: linear warmup then cosine decay to
-    ``min_lr_ratio * lr`` at ``total_steps`` (default ``steps``), constant afterwards.
-    The data order is deterministic from ``seed``. ``callback(step, ema_loss)`` is called
-    every ``callback_every`` steps with the model in eval mode; returning True stops training.
-    Pass ``optimizer`` to continue with an existing AdamW state. Returns the optimizer and the
-    number of steps done. The model is left in eval mode. The loss is the mean over the batch's
-    completion tokens; each batch is run as micro-batches of similar length (less padding).
+    ``token_ids[prompt_len:]`` only: the mean over the batch's completion tokens, each batch run as micro-batches of
+    similar length (less padding). ``callback(step, ema_loss)`` is called every ``callback_every`` steps with the
+    model in eval mode; returning True stops training. Pass ``optimizer`` to continue with an existing AdamW state.
+    Returns the optimizer and the number of steps done. The model is left in eval mode.
     """
-    total_steps = total_steps or steps
-    if optimizer is None:
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr,
-            betas=(0.9, 0.98),
-        )
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        frac = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    gen = torch.Generator().manual_seed(seed)
+    optimizer = optimizer if optimizer is not None else recipe.optimizer(model)
+    gen = torch.Generator().manual_seed(recipe.seed)
     batches: list[list[int]] = []
     model.train()
     ema = None
     done = 0
-    for step in range(steps):
+    for step in range(recipe.steps):
         if not batches:
-            batches = _batches(items, batch_size, gen)
+            batches = _batches(items, recipe.batch_size, gen)
             batches.reverse()
-        idx = batches.pop()
-        n_tokens = sum(len(items[i][0]) - items[i][1] for i in idx)
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = recipe.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
-        loss = 0.0
-        for group in _micro_batches(idx, items):
-            input_ids, attn, labels = _collate([items[i] for i in group], pad_id)
-            logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
-            part = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            ) / n_tokens
-            part.backward()
-            loss += part.item()
+        loss = _batch_loss(model, items, batches.pop(), pad_id)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
