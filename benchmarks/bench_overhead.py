@@ -45,10 +45,11 @@ MAX_COMPLETION = 32  # a toy solution is 31 tokens with its EOS
 
 # ---------------------------------------------------------------------------------------------------- set-up
 def make_trainer(lab, out_dir: str, steps: int, with_callback: bool, **cb_kwargs):
-    import opd_callback as oc
     from datasets import Dataset
-    from opd_callback import toy
     from trl import DistillationConfig, DistillationTrainer
+
+    import opd_callback as oc
+    from opd_callback import toy
 
     rows = [{k: e[k] for k in ("prompt", "answer", "solution")} for e in lab.train_examples[: max(64, steps * BATCH)]]
     args = DistillationConfig(

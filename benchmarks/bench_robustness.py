@@ -60,8 +60,8 @@ def diagnose_lab(lab, out: Path, n_prompts: int) -> dict:
 def _diagnose_one(lab, rec: Path, n_prompts: int, selection: str) -> dict:
     import opd_callback as oc
     from opd_callback import toy
-    from opd_callback.report import stats
     from opd_callback.demo.configs import demo_configs, demo_settings
+    from opd_callback.report import stats
 
     if (rec / "records.parquet").exists():
         report = oc.AlignmentReport.load(rec)

@@ -8,7 +8,6 @@ with it (arXiv 2605.10889). Training-free via :func:`diagnose`; during training 
 from __future__ import annotations
 
 from opd_callback.core.alignment import cosine, ideal_gradient, score_node
-from opd_callback.core.settings import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
 from opd_callback.core.divergences import (
     Divergence,
     available_divergences,
@@ -18,6 +17,7 @@ from opd_callback.core.divergences import (
     register_divergence,
 )
 from opd_callback.core.engine import AlignmentEngine, RewardFunctionError, diagnose
+from opd_callback.core.settings import ContextTeacher, ExternalTeacher, RolloutSettings, TeacherConfig
 from opd_callback.report import AlignmentReport
 from opd_callback.rollout import RolloutBackend, TransformersBackend, VLLMBackend, VLLMOptions
 

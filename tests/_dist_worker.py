@@ -148,9 +148,10 @@ def distillation_config(output_dir: str, **kw):
 def run_worker(out_dir: str, model_dir: str) -> dict:
     """A DistillationTrainer run with the callback (learning rate 0, so every diagnostic sees the same weights in a 1-
     and a 2-process run); early stopping with threshold 1.01 fires at the second diagnostic (step 1) on every rank."""
-    import opd_callback as oc
     from transformers import AutoModelForCausalLM
     from trl import DistillationTrainer
+
+    import opd_callback as oc
 
     tok = build_tokenizer()
     student = AutoModelForCausalLM.from_pretrained(os.path.join(model_dir, "student"))

@@ -5,9 +5,12 @@ as independent truth."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
+import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
@@ -181,3 +184,39 @@ def bernstein_halfwidth(s: float, n: int, delta: float = 1e-6) -> float:
     s = min(max(s, 0.0), 1.0)  # exact enumeration can overshoot 1 by rounding
     L = math.log(2.0 / delta)
     return math.sqrt(2.0 * s * (1.0 - s) * L / n) + 2.0 * L / (3.0 * n)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the CLI tests' lab (tests/test_cli.py, tests/test_hostile.py)
+
+CHARS = list("0123456789+=> abns")
+FAST = ["--num-rollouts", "2", "--max-new-tokens", "5", "--rollouts-per-branch", "2", "--no-progress",
+        "--bootstrap-samples", "50"]
+
+
+def _save_cli_model(path: Path, tok, seed: int) -> None:
+    tiny_qwen2(len(CHARS) + 1, eos_id=0, pad_id=0, seed=seed, max_positions=64).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def build_cli_lab(root: Path) -> Path:
+    """The CLI tests' lab in ``root``: a student and a teacher checkpoint, data (jsonl, parquet) and a reward file."""
+    tok = eos_char_tokenizer(CHARS)
+    _save_cli_model(root / "student", tok, 0)
+    _save_cli_model(root / "teacher", tok, 1)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (2, 5)]]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pd.DataFrame(rows).to_parquet(root / "data.parquet")
+    (root / "rw.py").write_text(
+        "def reward(prompts, completions, answer, **kw):\n"
+        "    return [float(a in c) for c, a in zip(completions, answer)]\n"
+    )
+    return root
+
+
+def base_args(lab: Path, out: Path, data: str = "data.jsonl") -> list[str]:
+    return [
+        "run", "--student", str(lab / "student"), "--teacher", f"big={lab / 'teacher'}",
+        "--context", "self+ans=ans {answer} {prompt}", "--divergence", "self+ans=jsd,beta=0.5",
+        "--data", str(lab / data), "--reward", f"{lab / 'rw.py'}:reward", "--out", str(out), *FAST,
+    ]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import ExactTree, make_model, make_tokenizer, reward_from
 
 import opd_callback as oc
-
-from helpers import ExactTree, make_model, make_tokenizer, reward_from
 
 CHARS = "ab"
 T = 4

@@ -15,11 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-import opd_callback as oc
-from opd_callback.training.callback import DiagnosticError, estimate_continuations
-from opd_callback.report.html import token_heatmap_html
-
 from _dist_worker import (
     accuracy_reward,
     addition_rows,
@@ -30,6 +25,10 @@ from _dist_worker import (
     pretrain,
     tiny_settings,
 )
+
+import opd_callback as oc
+from opd_callback.report.html import token_heatmap_html
+from opd_callback.training.callback import DiagnosticError, estimate_continuations
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _dist_worker import build_model, build_tokenizer, run_worker
 
 import opd_callback as oc
-
-from _dist_worker import build_model, build_tokenizer, run_worker
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import opd_callback as oc
-from opd_callback.training.trainers import RoutedModel, describe_trainer
-
 from _dist_worker import (
     accuracy_reward,
     build_dataset,
@@ -18,6 +14,9 @@ from _dist_worker import (
     distillation_config,
     tiny_settings,
 )
+
+import opd_callback as oc
+from opd_callback.training.trainers import RoutedModel, describe_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -203,7 +202,6 @@ def test_sdft_trainer_runs_with_the_callback(tmp_path, tok, saved_student):
 def test_sdft_peft_base_teacher_is_the_adapter_free_student(tmp_path, tok, saved_student):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
-
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     args = SDFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, max_completion_length=4,
@@ -226,7 +224,6 @@ def test_sdft_peft_base_teacher_is_the_adapter_free_student(tmp_path, tok, saved
 
 def test_sdpo_is_refused_with_a_message(tmp_path, tok, saved_student):
     from transformers import AutoModelForCausalLM
-
     from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
     args = SDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=1,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,46 +10,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-from helpers import eos_char_tokenizer, tiny_qwen2
+from helpers import base_args, build_cli_lab
 
 from opd_callback import cli
 from opd_callback.core.engine import AlignmentEngine
 from opd_callback.report import AlignmentReport
 
-CHARS = list("0123456789+=> abns")
-FAST = ["--num-rollouts", "2", "--max-new-tokens", "5", "--rollouts-per-branch", "2", "--no-progress",
-        "--bootstrap-samples", "50"]
-
-
-def _save_model(path: Path, tok, seed: int) -> None:
-    tiny_qwen2(len(CHARS) + 1, eos_id=0, pad_id=0, seed=seed, max_positions=64).save_pretrained(path)
-    tok.save_pretrained(path)
-
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli_lab")
-    tok = eos_char_tokenizer(CHARS)
-    _save_model(root / "student", tok, 0)
-    _save_model(root / "teacher", tok, 1)
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (2, 5)]]
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    pd.DataFrame(rows).to_parquet(root / "data.parquet")
-    (root / "rw.py").write_text(
-        "def reward(prompts, completions, answer, **kw):\n"
-        "    return [float(a in c) for c, a in zip(completions, answer)]\n"
-    )
-    return root
-
-
-def base_args(lab: Path, out: Path, data: str = "data.jsonl") -> list[str]:
-    return [
-        "run", "--student", str(lab / "student"), "--teacher", f"big={lab / 'teacher'}",
-        "--context", "self+ans=ans {answer} {prompt}", "--divergence", "self+ans=jsd,beta=0.5",
-        "--data", str(lab / data), "--reward", f"{lab / 'rw.py'}:reward", "--out", str(out), *FAST,
-    ]
+    return build_cli_lab(tmp_path_factory.mktemp("cli_lab"))
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import reward_from
+from test_engine import E_T, E_TAU, e_reward, exact_lab, exact_run, exact_truth
 
 import opd_callback as oc
 from opd_callback.report import metrics, stats
 from opd_callback.report.bootstrap import group_weights
-
-from helpers import reward_from
-from test_engine import exact_lab, exact_run, exact_truth, E_T, E_TAU, e_reward
 
 
 def _rec(q, r, pos, config, *, alignment, g, d, inner, adv, succ, value, degenerate=False, correct=False):

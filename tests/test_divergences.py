@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opd_callback import TeacherConfig, ExternalTeacher, available_divergences, divergence_direction, divergence_loss
+from opd_callback import ExternalTeacher, TeacherConfig, available_divergences, divergence_direction, divergence_loss
 from opd_callback.core.divergences import get_divergence
 
 # float64 throughout: analytic and autograd forms agree to rounding (~1e-15); 1e-10 leaves a wide margin while any

@@ -14,14 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-import opd_callback as oc
-from opd_callback.core.nodes import nodes_per_rollout, select_nodes
-import opd_callback.report.alignment_report as report_mod
-from opd_callback.report import RECORD_COLUMNS, ROLLOUT_COLUMNS
-from opd_callback.report.records import make_record, make_rollout_record
-from opd_callback.rollout import TransformersBackend
-
 from helpers import (
     CHAT_TEMPLATE,
     ExactTree,
@@ -34,6 +26,13 @@ from helpers import (
     plain_next_logits,
     reward_from,
 )
+
+import opd_callback as oc
+import opd_callback.report.alignment_report as report_mod
+from opd_callback.core.nodes import nodes_per_rollout, select_nodes
+from opd_callback.report import RECORD_COLUMNS, ROLLOUT_COLUMNS
+from opd_callback.report.records import make_record, make_rollout_record
+from opd_callback.rollout import TransformersBackend
 
 # ====================================================================================================================
 # shared tiny lab: 8-token character vocabulary, random 1-layer Qwen2 student and teacher

@@ -12,15 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import CHAT_TEMPLATE, count_forwards, make_model, make_tokenizer, reward_from
+from helpers import CHAT_TEMPLATE, base_args, build_cli_lab, count_forwards, make_model, make_tokenizer, reward_from
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import opd_callback as oc
 from opd_callback import cli
 from opd_callback.report import AlignmentReport
 from opd_callback.rollout import TransformersBackend, row_keys, row_uniforms
-
-from test_cli import base_args, full_run, lab as cli_lab  # noqa: F401 - pytest fixtures of the CLI lab
 
 # --------------------------------------------------------------------------------------------------------------------
 # a tiny lab
@@ -438,6 +436,11 @@ def _no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the error")
 
     monkeypatch.setattr(cli.models, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def cli_lab(tmp_path_factory) -> Path:
+    return build_cli_lab(tmp_path_factory.mktemp("cli_lab"))
 
 
 def _config(tmp_path, cli_lab, extra: str) -> Path:

@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_stats import synthetic_report
 
 from opd_callback.report.html import SECTIONS, build_compare_html, build_html
-from test_stats import synthetic_report
 
 INJECT = "<script>var e=document.createElement('div');e.id='pwned';document.body.appendChild(e);" \
          "document.title='pwned'</script>"

@@ -12,7 +12,13 @@ from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 import opd_callback as oc
 from opd_callback.core import param_space
-from opd_callback.core.param_space import CountSketch, ParamSpaceScorer, param_space_cosines, select_parameters, vjp_gram
+from opd_callback.core.param_space import (
+    CountSketch,
+    ParamSpaceScorer,
+    param_space_cosines,
+    select_parameters,
+    vjp_gram,
+)
 
 CHARS = list("0123456789+=> ab")
 

@@ -11,8 +11,8 @@ import torch
 from helpers import plain_next_logits, tiny_qwen2
 from transformers import AttentionInterface, Qwen2ForCausalLM
 
-from opd_callback.rollout import shared_prefix as rollout
 from opd_callback.rollout import TransformersBackend
+from opd_callback.rollout import shared_prefix as rollout
 
 V = 11
 EOS = 10

@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opd_callback.report import stats
-from opd_callback.report import EXTRA_RECORD_COLUMNS, RECORD_COLUMNS, AlignmentReport, bootstrap_mean_ci
+from opd_callback.report import EXTRA_RECORD_COLUMNS, RECORD_COLUMNS, AlignmentReport, bootstrap_mean_ci, stats
 
 
 def synthetic_report(

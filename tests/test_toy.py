@@ -345,9 +345,8 @@ def test_wrong_teachers_rank_below_strong_teacher(lab_and_time):
     the strong teacher fine-tuned on it (wrong only at the decisive tokens) -- below the strong teacher, with the
     paired question-bootstrap CI of the difference below 0, and below 0 themselves."""
     import opd_callback as oc
-    from opd_callback.toy import reward_fn
-
     from opd_callback.report import stats
+    from opd_callback.toy import reward_fn
 
     lab, _ = lab_and_time
     report = oc.diagnose(

@@ -28,13 +28,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in th
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from helpers import ExactTree, bernstein_halfwidth, make_tokenizer, plain_next_logits, reward_from  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import opd_callback as oc  # noqa: E402
-from opd_callback.rollout import TransformersBackend  # noqa: E402
 from opd_callback.rollout.vllm_backend import VLLMBackend, VLLMOptions, start_vllm_engine  # noqa: E402
-
-from helpers import ExactTree, bernstein_halfwidth, make_tokenizer, plain_next_logits, reward_from  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -394,9 +392,8 @@ def test_cli_run_backend_vllm(qwen, tmp_path, monkeypatch):
 
 
 def _cb_trainer(out, tok, student, *, max_steps=3, **cfg):
-    from trl import DistillationTrainer
-
     from _dist_worker import build_dataset, build_model, distillation_config
+    from trl import DistillationTrainer
 
     args = distillation_config(str(out), max_steps=max_steps, **cfg)
     return DistillationTrainer(model=student, teacher_model=build_model(tok, 1, hidden=64), args=args,

@@ -27,10 +27,10 @@ from opd_callback.cli.commands import cmd_compare, cmd_demo, cmd_report
 from opd_callback.cli.errors import PROG, CliError, first_line
 from opd_callback.cli.inputs import load_config_file, load_examples, load_reward, parse_divergence
 from opd_callback.cli.parser import build_parser
-from opd_callback.cli.run import cmd_run
 
 # run's flags and config file as one RunRequest
 from opd_callback.cli.resolve import resolve as _resolve  # noqa: F401
+from opd_callback.cli.run import cmd_run
 
 __all__ = ["main", "build_parser", "parse_divergence", "load_examples", "load_reward", "load_config_file", "CliError",
            "PROG"]

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 
-
 @contextmanager
 def preserved_rng() -> Iterator[None]:
     """Restore the CPU/CUDA torch, numpy and Python RNG states afterwards (the callback around a diagnostic; the vLLM

@@ -11,7 +11,6 @@ from typing import Iterator, Sequence
 import torch
 
 
-
 def _buffered_layer_class():
     from transformers.cache_utils import DynamicLayer
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-
 _U64 = 1 << 64
 
 

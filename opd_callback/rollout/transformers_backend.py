@@ -7,9 +7,18 @@ from typing import Sequence
 
 import torch
 
-
 from .base import RolloutBackend, _device_of, _left_pad, next_token_logits
-from .shared_prefix import _SHARED_PREFIX, _BufferedLayer, _cache_kwarg, _kv_layers, _NotShareable, _out_cache, _select_cache_rows, _SharedPrefix, _shared_prefix_attention_on
+from .shared_prefix import (
+    _SHARED_PREFIX,
+    _BufferedLayer,
+    _cache_kwarg,
+    _kv_layers,
+    _NotShareable,
+    _out_cache,
+    _select_cache_rows,
+    _shared_prefix_attention_on,
+    _SharedPrefix,
+)
 from .streams import row_keys, row_uniforms
 
 

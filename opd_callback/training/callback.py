@@ -39,17 +39,17 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
+from opd_callback.core.engine import AlignmentEngine
 from opd_callback.core.nodes import estimate_continuations
 from opd_callback.core.settings import RolloutSettings, TeacherConfig, check_value
-from opd_callback.core.engine import AlignmentEngine
+from opd_callback.report import AlignmentReport
+from opd_callback.report.numeric import finite_or_none
 from opd_callback.training.early_stopping import AlignmentEarlyStopping
 from opd_callback.training.probe import probe_set
 from opd_callback.training.ranks import Outcome, engine_payload, from_main, gathered_from_ranks, merged_report
 from opd_callback.training.schedule import DiagnosticSchedule
 from opd_callback.training.state import preserved_training_state
 from opd_callback.training.trainers import CURRENT, TrainerSpec, describe_trainer, unwrap
-from opd_callback.report import AlignmentReport
-from opd_callback.report.numeric import finite_or_none
 
 __all__ = [
     "GradientAlignmentCallback",
