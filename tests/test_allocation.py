@@ -1,5 +1,5 @@
-"""The adaptive allocation's error model and greedy allocator (opd_callback/core/allocation.py), against independent truth:
-a Monte-Carlo simulation of the real estimator (binomial S_hat through score_node), and brute-force search."""
+"""The adaptive allocation's error model and greedy allocator (opd_callback/core/allocation.py), against independent
+truth: a Monte-Carlo simulation of the real estimator (binomial S_hat through score_node), and brute-force search."""
 
 from __future__ import annotations
 

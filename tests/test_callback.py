@@ -33,7 +33,8 @@ from opd_callback.training.callback import DiagnosticError, estimate_continuatio
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 SCALAR_KEYS = ["opd/student/success_rate", "opd/rollouts", "opd/nodes", "opd/seconds", "opd/errors"]
-PER_CONFIG = ["alignment", "alignment_correct", "alignment_incorrect", "positive_fraction", "teacher_advantage", "degenerate_fraction"]
+PER_CONFIG = ["alignment", "alignment_correct", "alignment_incorrect", "positive_fraction", "teacher_advantage",
+              "degenerate_fraction"]
 
 
 def _trainer(out: Path, *, max_steps: int = 2, student=None, teacher=None, ds=None, **cfg):
@@ -111,7 +112,8 @@ def test_training_is_bit_identical_and_records_are_saved(tmp_path):
 
 def test_diagnostic_restores_rng_modes_grads_and_tokenizer(tmp_path):
     tr, tok = _trainer(tmp_path)
-    cb = oc.GradientAlignmentCallback(tr, reward_fn=accuracy_reward, every_n_steps=100, configs=_alt(), settings=tiny_settings())
+    cb = oc.GradientAlignmentCallback(tr, reward_fn=accuracy_reward, every_n_steps=100, configs=_alt(),
+                                      settings=tiny_settings())
     tr.add_callback(cb)
     model = tr.model
     model.train()
@@ -158,7 +160,8 @@ def test_on_error_warn_counts_and_training_continues(tmp_path, caplog):
     ref, _ = _trainer(tmp_path / "ref")
     ref.train()
     tr, _ = _trainer(tmp_path / "run")
-    cb = oc.GradientAlignmentCallback(tr, reward_fn=_FlakyReward(), every_n_steps=1, configs=_alt(), settings=tiny_settings())
+    cb = oc.GradientAlignmentCallback(tr, reward_fn=_FlakyReward(), every_n_steps=1, configs=_alt(),
+                                      settings=tiny_settings())
     tr.add_callback(cb)
     with caplog.at_level(logging.WARNING, logger="opd_callback"):
         tr.train()
@@ -289,7 +292,8 @@ def test_early_stopping_fires_and_survives_resume(tmp_path):
     def make(out, max_steps, **cfg):
         tr, _ = _trainer(out, max_steps=max_steps, learning_rate=1e-3, save_strategy="steps", save_steps=1, **cfg)
         es = oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=3, min_questions=1)
-        cb = oc.GradientAlignmentCallback(tr, reward_fn=accuracy_reward, every_n_steps=1, settings=tiny_settings(), early_stopping=es)
+        cb = oc.GradientAlignmentCallback(tr, reward_fn=accuracy_reward, every_n_steps=1, settings=tiny_settings(),
+                                          early_stopping=es)
         tr.add_callback(cb)
         return tr, cb
 

@@ -208,7 +208,8 @@ def test_sdft_peft_base_teacher_is_the_adapter_free_student(tmp_path, tok, saved
                       distillation_topk=5, num_generations=2, **{**CPU, "learning_rate": 0.1})
     tr = SDFTTrainer(model=AutoModelForCausalLM.from_pretrained(saved_student), args=args,
                      train_dataset=build_dataset(8, privileged=True), processing_class=tok,
-                     peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+                     peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
     cb = oc.GradientAlignmentCallback(tr, reward_fn=accuracy_reward, every_n_steps=1, settings=tiny_settings())
     tr.add_callback(cb)
     tr.train()
@@ -258,7 +259,8 @@ def test_plain_trainer_with_explicit_configs(tmp_path, tok):
         tr, reward_fn=accuracy_reward, probe_dataset=build_dataset(4), every_n_steps=1, settings=tiny_settings(),
         configs=[oc.TeacherConfig("teacher", oc.ExternalTeacher(build_model(tok, 1)), divergence="forward_kl"),
                  oc.TeacherConfig("solution", oc.ContextTeacher("{solution}|{prompt}"))],
-        early_stopping=oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=1, config="teacher", min_questions=1),
+        early_stopping=oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=1, config="teacher",
+                                                 min_questions=1),
     )
     assert cb.config_names == ["teacher", "solution"]
     tr.add_callback(cb)

@@ -66,16 +66,20 @@ def test_hand_formulas(temperature):
     for b in (0.25, 0.5):
         lm = torch.log((1 - b) * p + b * q)
         hand = b * _hand_kl(lq, lm) + (1 - b) * _hand_kl(lp, lm)
-        torch.testing.assert_close(divergence_loss("jsd", z, zt, beta=b, temperature=temperature), hand, atol=ATOL, rtol=0)
+        torch.testing.assert_close(divergence_loss("jsd", z, zt, beta=b, temperature=temperature), hand,
+                                   atol=ATOL, rtol=0)
     # directions: forward KL is (Q - P)/T; reverse KL is P (r - sum P r)/T with r = log Q - log P
-    torch.testing.assert_close(divergence_direction("forward_kl", z, zt, temperature=temperature), (q - p) / temperature, atol=ATOL, rtol=0)
+    torch.testing.assert_close(divergence_direction("forward_kl", z, zt, temperature=temperature),
+                               (q - p) / temperature, atol=ATOL, rtol=0)
     r = lq - lp
     rev_dir = p * (r - (p * r).sum(-1, keepdim=True)) / temperature
-    torch.testing.assert_close(divergence_direction("reverse_kl", z, zt, temperature=temperature), rev_dir, atol=ATOL, rtol=0)
+    torch.testing.assert_close(divergence_direction("reverse_kl", z, zt, temperature=temperature), rev_dir,
+                               atol=ATOL, rtol=0)
     # sampled token: A (e_y - P)/T with A = log Q(y) - log P(y)
     a = (lq - lp).gather(-1, y[:, None])
     e = F.one_hot(y, V).double()
-    torch.testing.assert_close(divergence_direction("sampled_token", z, zt, sampled=y, temperature=temperature), a * (e - p) / temperature, atol=ATOL, rtol=0)
+    torch.testing.assert_close(divergence_direction("sampled_token", z, zt, sampled=y, temperature=temperature),
+                               a * (e - p) / temperature, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -96,10 +100,12 @@ def test_jsd_matches_trl_gkd(beta, temperature):
     lq = torch.log_softmax(zt / temperature, -1)
     if beta == 0.0:
         torch.testing.assert_close(trl_loss.detach(), _hand_kl(lq, lp).sum(), atol=1e-10, rtol=0)
-        torch.testing.assert_close(divergence_direction("forward_kl", z, zt, temperature=temperature), -trl_grad, atol=ATOL, rtol=0)
+        torch.testing.assert_close(divergence_direction("forward_kl", z, zt, temperature=temperature), -trl_grad,
+                                   atol=ATOL, rtol=0)
     if beta == 1.0:
         torch.testing.assert_close(trl_loss.detach(), _hand_kl(lp, lq).sum(), atol=1e-10, rtol=0)
-        torch.testing.assert_close(divergence_direction("reverse_kl", z, zt, temperature=temperature), -trl_grad, atol=ATOL, rtol=0)
+        torch.testing.assert_close(divergence_direction("reverse_kl", z, zt, temperature=temperature), -trl_grad,
+                                   atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -114,7 +120,8 @@ def test_sampled_token_matches_trl_sdft(temperature):
     (grad,) = torch.autograd.grad(trl.sum(), zz)
     ours = divergence_loss("sampled_token", z, zt, sampled=y, temperature=temperature)
     torch.testing.assert_close(ours, trl.detach(), atol=1e-10, rtol=0)
-    torch.testing.assert_close(divergence_direction("sampled_token", z, zt, sampled=y, temperature=temperature), -grad, atol=ATOL, rtol=0)
+    torch.testing.assert_close(divergence_direction("sampled_token", z, zt, sampled=y, temperature=temperature), -grad,
+                               atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("k", [1, 4, V - 1])
@@ -141,7 +148,8 @@ def test_topk_full_vocab_is_plain_divergence():
     z, zt, _ = _logits(6)
     for beta in (0.0, 0.5, 1.0):
         torch.testing.assert_close(
-            divergence_loss("topk", z, zt, beta=beta, top_k=V), divergence_loss("jsd", z, zt, beta=beta), atol=ATOL, rtol=0
+            divergence_loss("topk", z, zt, beta=beta, top_k=V), divergence_loss("jsd", z, zt, beta=beta),
+            atol=ATOL, rtol=0
         )
     # default beta of topk is 1 (reverse KL), default k is 100 (>= V here)
     torch.testing.assert_close(divergence_loss("topk", z, zt), divergence_loss("reverse_kl", z, zt), atol=ATOL, rtol=0)

@@ -297,7 +297,8 @@ def test_records_match_plain_forward_recomputation(tail):
         y = comp[r.position]
         assert r.token_id == y
         assert r.window == int(r.position).bit_length()
-        ro = rep.rollouts[(rep.rollouts.prompt_index == r.prompt_index) & (rep.rollouts.rollout_index == r.rollout_index)].iloc[0]
+        same = (rep.rollouts.prompt_index == r.prompt_index) & (rep.rollouts.rollout_index == r.rollout_index)
+        ro = rep.rollouts[same].iloc[0]
         assert r.rollout_reward == ro.reward == has_a(tok.decode(comp, skip_special_tokens=True))
         assert r.rollout_correct == (ro.reward >= 0.5) == ro.correct
         z = plain_next_logits(student, tok(ex["prompt"])["input_ids"] + pre)
@@ -385,7 +386,8 @@ def test_depth_windows_unit():
 def test_nodes_per_rollout_counts_what_select_nodes_picks():
     rng = np.random.default_rng(1)
     for kw in [{}, dict(nodes_per_window=2, max_nodes_per_rollout=5),
-               dict(nodes_per_window=3, max_nodes_per_rollout=20), dict(node_selection="all"), dict(node_selection="entropy", max_nodes_per_rollout=3),
+               dict(nodes_per_window=3, max_nodes_per_rollout=20), dict(node_selection="all"),
+               dict(node_selection="entropy", max_nodes_per_rollout=3),
                dict(node_selection="positions", positions=[0, 3, 3, 9])]:
         s = oc.RolloutSettings(max_new_tokens=40, **kw)
         for length in range(0, 41):
@@ -498,7 +500,8 @@ def test_chat_prompts_and_context_teacher_rewrite():
     assert eng.teacher_prompt(cfg[1], ex) == msgs
     assert ex == frozen  # the example is not mutated
     prep = eng.prepare([ex])[0]
-    assert prep.prompt_ids == tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))["input_ids"]
+    chat_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prep.prompt_ids == tok(chat_text)["input_ids"]
     assert tok.decode(prep.teacher_prompt_ids[0]) == "c|b|a|ba:b|:"
     rep = eng.run([ex])
     assert len(rep.records) > 0
@@ -603,7 +606,8 @@ def test_external_teacher_vocab_mismatch():
     try:
         with pytest.raises(ValueError) as exc:
             oc.diagnose(student, tok, EXAMPLES, reward_fn=reward_from(has_a),
-                        configs=[oc.TeacherConfig("big", oc.ExternalTeacher(other))], settings=settings(), progress=False)
+                        configs=[oc.TeacherConfig("big", oc.ExternalTeacher(other))], settings=settings(),
+                        progress=False)
     finally:
         remove()
     msg = str(exc.value)

@@ -136,7 +136,8 @@ def test_teacher_config_refuses_bad_names_and_teachers():
         oc.TeacherConfig("", oc.ContextTeacher("{prompt}"))
     with pytest.raises(TypeError, match=r"name must be a non-empty string, got 3 \(int\)"):
         oc.TeacherConfig(3, oc.ContextTeacher("{prompt}"))
-    with pytest.raises(TypeError, match=r"teacher must be ExternalTeacher\(model\) or ContextTeacher\(template\), got str"):
+    with pytest.raises(TypeError,
+                       match=r"teacher must be ExternalTeacher\(model\) or ContextTeacher\(template\), got str"):
         oc.TeacherConfig("t", "models/teacher")
     with pytest.raises(TypeError, match=r"ExternalTeacher: model must be a causal LM .*got str.*from_pretrained"):
         oc.ExternalTeacher("models/teacher")
@@ -174,7 +175,8 @@ def test_nested_format_spec_field_is_named_before_any_forward():
 @pytest.mark.parametrize(
     "template, match",
     [
-        ("{answer[3]}{prompt}", r"config 'bad', example 0: template '\{answer\[3\]\}\{prompt\}' cannot be filled .*IndexError"),
+        ("{answer[3]}{prompt}",
+         r"config 'bad', example 0: template '\{answer\[3\]\}\{prompt\}' cannot be filled .*IndexError"),
         ("{prompt:d}", r"config 'bad', example 0: .*cannot be filled .*ValueError"),
         ("{prompt.nope}", r"config 'bad', example 0: .*cannot be filled .*AttributeError"),
     ],
@@ -256,7 +258,8 @@ def test_chat_messages_rows_work_in_diagnose_like_prompt_rows():
         ({"messages": [{"role": "assistant", "content": "c"}]}, ValueError,
          r"example 0: a 'messages' row has no non-assistant message"),
         ({"messages": "ab"}, TypeError, r"example 0: 'messages' must be a list of chat messages"),
-        ({"prompt": [{"role": "user", "content": 3}]}, TypeError, r"example 0: every chat message's 'content' must be a string"),
+        ({"prompt": [{"role": "user", "content": 3}]}, TypeError,
+         r"example 0: every chat message's 'content' must be a string"),
     ],
 )
 def test_bad_chat_rows_are_named(row, exc, match):
@@ -297,7 +300,8 @@ def test_reward_as_numpy_array_or_tensor_is_the_same_result():
     b = run(reward=lambda prompts, completions, **kw: np.array([float("a" in c) for c in completions]))
     c = run(reward=lambda prompts, completions, **kw: torch.tensor([float("a" in c) for c in completions]))
     for other in (b, c):
-        np.testing.assert_array_equal(a.records["alignment"].to_numpy(float), other.records["alignment"].to_numpy(float))
+        np.testing.assert_array_equal(a.records["alignment"].to_numpy(float),
+                                      other.records["alignment"].to_numpy(float))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ def chromium() -> str:
         return path
     apt = shutil.which("apt-get")
     if apt is None:
-        pytest.skip("chromium is not installed and there is no apt-get to install it (Debian: apt-get install chromium)")
+        pytest.skip("chromium is not installed and there is no apt-get to install it "
+                    "(Debian: apt-get install chromium)")
     if hasattr(os, "geteuid") and os.geteuid() != 0:
         pytest.skip("chromium is not installed and installing it needs root (run: sudo apt-get install -y chromium)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

@@ -32,7 +32,8 @@ def _record(prompt, rollout, position, config, alignment, correct, degenerate=Fa
 
 
 def _hand_report():
-    # config "A": correct rollouts -> alignments 0.2, 0.4 (prompt 0); incorrect -> -0.5, 0.1 and one degenerate (prompt 1)
+    # config "A": correct rollouts -> alignments 0.2, 0.4 (prompt 0);
+    # incorrect -> -0.5, 0.1 and one degenerate (prompt 1)
     # config "B": all incorrect... and all degenerate except one
     recs = [
         _record(0, 0, 0, "A", 0.2, True, candidate_ids=[1, 4], candidate_probs=[0.6, 0.2],

@@ -49,7 +49,8 @@ def tok():
 
 def test_tokenizer_round_trip_and_specials(tok):
     printable = "".join(chr(i) for i in range(32, 127))
-    for s in ["367+485=", "7+5+0=12,6+8+1=15,3+4+1=08>852", printable, "  two  spaces , and .\nnewline ", "a'b \"c\" ?!"]:
+    for s in ["367+485=", "7+5+0=12,6+8+1=15,3+4+1=08>852", printable, "  two  spaces , and .\nnewline ",
+              "a'b \"c\" ?!"]:
         ids = tok(s, add_special_tokens=False).input_ids
         assert len(ids) == len(s)  # one id per character
         assert tok.decode(ids) == s
@@ -68,7 +69,8 @@ def test_tokenizer_round_trip_and_specials(tok):
 def test_chat_template(tok):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "367+485="}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n367+485=<|im_end|>\n<|im_start|>assistant\n"
+    assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n367+485=<|im_end|>\n"
+                    "<|im_start|>assistant\n")
     assert text.endswith("<|im_start|>assistant\n")
     no_gen = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
     assert not no_gen.endswith("assistant\n")
@@ -126,7 +128,8 @@ def test_reward_fn():
     assert reward_fn(None, completions, ans) == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     # chat format (TRL conversational datasets) and extra kwargs
     prompts = [[{"role": "user", "content": "367+485="}]] * 2
-    chat = [[{"role": "assistant", "content": "7+5+0=12,6+8+1=15,3+4+1=08>852"}], [{"role": "assistant", "content": ">851"}]]
+    chat = [[{"role": "assistant", "content": "7+5+0=12,6+8+1=15,3+4+1=08>852"}],
+            [{"role": "assistant", "content": ">851"}]]
     assert reward_fn(prompts, chat, answer=["852", "852"], completion_ids=[[1], [2]], trainer_state=None) == [1.0, 0.0]
     assert reward_fn(["a"], [""], ["1"]) == [0.0]
     with pytest.raises(ValueError):
@@ -157,7 +160,8 @@ def test_make_examples_deterministic_and_valid():
 
 def test_templates():
     e = make_examples(1, seed=0)[0]
-    for tpl, key in [(ANSWER_TEMPLATE, "answer"), (SOLUTION_TEMPLATE, "solution"), (MISLEADING_TEMPLATE, "misleading_answer")]:
+    for tpl, key in [(ANSWER_TEMPLATE, "answer"), (SOLUTION_TEMPLATE, "solution"),
+                     (MISLEADING_TEMPLATE, "misleading_answer")]:
         text = tpl.format(**e)
         assert text.endswith(e["prompt"]) and e[key] in text and text != e["prompt"]
     assert toy.TEMPLATES["answer"] == ANSWER_TEMPLATE
@@ -226,7 +230,8 @@ def test_cache_lock_and_force(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(lab_mod, "train_all", _fake_train_all(calls))
     labs = []
-    threads = [threading.Thread(target=lambda: labs.append(build_lab(tmp_path, seed=7, verbose=False))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: labs.append(build_lab(tmp_path, seed=7, verbose=False)))
+               for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -323,7 +328,8 @@ def test_lab_contents(lab_and_time, tok):
     # the recorded accuracy is reproducible from the saved weights (up to float/threads noise)
     measured = lab.sample_accuracy("student", n=256, seed=1)
     assert abs(measured - lab.accuracy["student"]) < 0.15
-    assert lab.prompts(lab.probe_examples[:1], context="solution") == [SOLUTION_TEMPLATE.format(**lab.probe_examples[0])]
+    assert lab.prompts(lab.probe_examples[:1], context="solution") == [
+        SOLUTION_TEMPLATE.format(**lab.probe_examples[0])]
 
 
 

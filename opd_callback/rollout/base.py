@@ -133,7 +133,8 @@ def next_token_logits(
         first = min((r for rr in rows for r in rr), default=width - 1)
         keep = width - first
         try:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, logits_to_keep=keep, use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, logits_to_keep=keep,
+                           use_cache=False).logits
             offset = width - logits.shape[1]
         except TypeError:
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, use_cache=False).logits
