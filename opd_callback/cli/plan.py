@@ -51,10 +51,7 @@ class RunPlan:
         return {
             "settings": settings_dict(self.settings),
             "configs": [
-                {"name": c.name, "teacher": c.teacher.kind, "template": getattr(c.teacher, "template", None),
-                 "model": next((s.model for s in specs if s.name == c.name), None),
-                 "divergence": c.divergence_name, "beta": c.beta, "temperature": c.temperature, "top_k": c.top_k}
-                for c in self.configs
+                {**c.meta(), "model": next((s.model for s in specs if s.name == c.name), None)} for c in self.configs
             ],
             "student": str(r["student"]),
             "tokenizer": str(self.tokenizer_path),
