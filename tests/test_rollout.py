@@ -36,9 +36,9 @@ class _Recording(TransformersBackend):
             self._rows = None
         return super()._draw(logits, generator, *a, **k)
 
-    def _decode(self, logits, cache, mask, next_pos, rows, *a, **k):
-        self._rows = rows.tolist()
-        return super()._decode(logits, cache, mask, next_pos, rows, *a, **k)
+    def _decode(self, logits, cache, batch, call):
+        self._rows = batch.rows.tolist()
+        return super()._decode(logits, cache, batch, call)
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])

@@ -42,9 +42,9 @@ class _Recording(TransformersBackend):
         self.batches: list[tuple[list[int], list[torch.Tensor]]] = []  # (rows at the first step, logits per step)
         self.gathered = 0
 
-    def _decode(self, logits, cache, mask, next_pos, rows, *a, **k):
-        self.batches.append((rows.tolist(), []))
-        return super()._decode(logits, cache, mask, next_pos, rows, *a, **k)
+    def _decode(self, logits, cache, batch, call):
+        self.batches.append((batch.rows.tolist(), []))
+        return super()._decode(logits, cache, batch, call)
 
     def _draw(self, logits, generator, *a, **k):
         self.batches[-1][1].append(logits.detach().clone())

@@ -3,6 +3,7 @@ for the branches of one base rollout."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -20,6 +21,53 @@ from .shared_prefix import (
     _SharedPrefix,
 )
 from .streams import row_keys, row_uniforms
+
+
+@dataclass
+class _Call:
+    """One sampling call: where its tokens come from and where they go. ``results[i]`` collects row ``i``'s tokens;
+    ``keys`` are the rows' random-stream keys (None: one shared ``torch.multinomial`` stream on ``generator``)."""
+
+    generator: torch.Generator
+    results: list[list[int]]
+    keys: torch.Tensor | None
+
+
+@dataclass
+class _Batch:
+    """The live rows of one decoding batch: the result row each fills, its next position and token limit, and the
+    attention state of its cached tokens (a 2D mask, or with shared-prefix attention the :class:`_SharedPrefix`)."""
+
+    rows: torch.Tensor
+    next_pos: torch.Tensor
+    limits: torch.Tensor
+    mask: torch.Tensor | None = None
+    shared: _SharedPrefix | None = None
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Drop every row not in ``keep`` (finished rows stop costing compute)."""
+        self.rows, self.limits, self.next_pos = self.rows[keep], self.limits[keep], self.next_pos[keep]
+        if self.shared is not None:
+            self.shared.select(keep)
+        if self.mask is not None:
+            self.mask = self.mask[keep]
+
+    def advance(self) -> None:
+        """One more cached token per row."""
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+
+
+@dataclass
+class _Bases:
+    """The base sequences of a :meth:`TransformersBackend.sample_branches` call after their one forward pass: the
+    branches ``(base, prefix_len, forced, max_new)``, every layer's keys/values ``[R, Hkv, width, D]`` (left-padded:
+    base ``b`` occupies its last ``lens[b]`` columns)."""
+
+    branches: Sequence[tuple[int, int, int, int]]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    width: int
+    lens: list[int]
 
 
 class TransformersBackend(RolloutBackend):
@@ -91,16 +139,18 @@ class TransformersBackend(RolloutBackend):
         return self._sample_keyed(prefixes, max_new_tokens, generator, self._call_keys(n, generator))
 
     def _sample_keyed(self, prefixes, max_new_tokens, generator, keys) -> list[list[int]]:
+        """:meth:`sample` with the call's row keys given: batches of similar prefix lengths."""
         n = len(prefixes)
-        results: list[list[int]] = [[] for _ in range(n)]
+        call = _Call(generator, [[] for _ in range(n)], keys)
         order = sorted(range(n), key=lambda k: len(prefixes[k]))
         for start in range(0, n, self.batch_size):
             chunk = [k for k in order[start : start + self.batch_size] if max_new_tokens[k] > 0]
             if chunk:
-                self._sample_batch(chunk, prefixes, max_new_tokens, generator, results, keys)
-        return results
+                self._sample_batch(chunk, prefixes, max_new_tokens, call)
+        return call.results
 
-    def _sample_batch(self, chunk, prefixes, max_new_tokens, generator, results, keys=None) -> None:
+    def _sample_batch(self, chunk, prefixes, max_new_tokens, call: _Call) -> None:
+        """Encode a batch of prefixes (left-padded) and sample their continuations."""
         device = self.device
         ids, mask = _left_pad([prefixes[k] for k in chunk], self.pad_id, device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -112,55 +162,46 @@ class TransformersBackend(RolloutBackend):
         if layers is not None:
             capacity = ids.shape[1] + max(max_new_tokens[k] for k in chunk)
             cache.layers = [_BufferedLayer(k, v, capacity) for k, v in layers]
-        self._decode(out.logits[:, -1], cache, mask, pos[:, -1] + 1, rows, limits, generator, results, keys=keys)
+        self._decode(out.logits[:, -1], cache, _Batch(rows, pos[:, -1] + 1, limits, mask=mask), call)
 
-    def _decode(
-        self, logits, cache, mask, next_pos, rows, limits, generator, results, shared: _SharedPrefix | None = None,
-        keys: torch.Tensor | None = None,
-    ) -> None:
-        """Sample until every row has hit EOS or its limit. ``logits`` predict each row's next token.
-
-        ``mask`` is the 2D attention mask of the cached tokens, or None with ``shared`` (a :class:`_SharedPrefix`,
-        passed to the model and compacted along with the cache). ``keys``: the call's row keys (indexed by ``rows``)."""
+    def _decode(self, logits: torch.Tensor, cache, batch: _Batch, call: _Call) -> None:
+        """Sample until every row of ``batch`` has hit EOS or its limit. ``logits`` predict each row's next token;
+        ``cache`` holds the rows' keys/values (compacted along with the rows)."""
         device = self.device
         eos = torch.as_tensor(self.eos_ids or [-1], device=device)
         cache_kw = _cache_kwarg(self.model)
-        shared_kw = {} if shared is None else {_SHARED_PREFIX: shared}
+        shared_kw = {} if batch.shared is None else {_SHARED_PREFIX: batch.shared}
         step = 0
         # every row's uniforms for the whole call at once (compacted with the rows); None: shared multinomial
-        uni = None if keys is None else row_uniforms(keys[rows], int(limits.max())).to(logits.device)
+        uni = None if call.keys is None else row_uniforms(call.keys[batch.rows], int(batch.limits.max()))
+        uni = None if uni is None else uni.to(logits.device)
         while True:
-            tok = self._draw(logits, generator, None if uni is None else uni[:, step : step + 1]).to(device)
+            tok = self._draw(logits, call.generator, None if uni is None else uni[:, step : step + 1]).to(device)
             step += 1
-            tok_list = tok.tolist()
-            for r, t in zip(rows.tolist(), tok_list):
-                results[r].append(t)
-            done = torch.isin(tok, eos) | (limits <= step)
+            for r, t in zip(batch.rows.tolist(), tok.tolist()):
+                call.results[r].append(t)
+            done = torch.isin(tok, eos) | (batch.limits <= step)
             if bool(done.all()):
                 break
             if bool(done.any()):  # compact: finished rows stop costing compute
                 keep = (~done).nonzero().squeeze(-1)
-                rows, limits, tok, next_pos = rows[keep], limits[keep], tok[keep], next_pos[keep]
+                tok = tok[keep]
                 if uni is not None:
                     uni = uni[keep.to(uni.device)]
                 _select_cache_rows(cache, keep)
-                if shared is not None:
-                    shared.select(keep)
-                if mask is not None:
-                    mask = mask[keep]
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                batch.keep(keep)
+            batch.advance()
             out = self.model(
                 input_ids=tok[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
+                attention_mask=batch.mask,
+                position_ids=batch.next_pos[:, None],
                 use_cache=True,
                 **{cache_kw: cache},
                 **shared_kw,
             )
             cache = _out_cache(out)
             logits = out.logits[:, -1]
-            next_pos = next_pos + 1
+            batch.next_pos = batch.next_pos + 1
 
     # ------------------------------------------------------------------------------------------ shared-prefix path
     @torch.no_grad()
@@ -184,29 +225,28 @@ class TransformersBackend(RolloutBackend):
         if layers is None:
             prefixes = [list(bases[b][:L]) + [int(j)] for b, L, j, _ in branches]
             return self._sample_keyed(prefixes, [int(m) for _, _, _, m in branches], generator, keys)
-        width = ids.shape[1]
-        lens = [len(b) for b in bases]
-        results: list[list[int]] = [[] for _ in branches]
+        base = _Bases(branches, layers, ids.shape[1], [len(b) for b in bases])
+        call = _Call(generator, [[] for _ in branches], keys)
         if self.shared_prefix:  # rows of one base row contiguous: few segments per batch
             order = sorted(range(len(branches)), key=lambda k: (branches[k][0], -branches[k][1]))
         else:  # similar prefix lengths together: little padding in the gathered caches
             order = sorted(range(len(branches)), key=lambda k: -branches[k][1])
         todo = [k for k in order if branches[k][3] > 0]
         for start in range(0, len(todo), self.batch_size):
-            args = (todo[start : start + self.batch_size], branches, layers, width, lens, generator, results, keys)
-            if not (self.shared_prefix and self._shared_branch_batch(*args)):
-                self._branch_batch(*args)
-        return results
+            chunk = todo[start : start + self.batch_size]
+            if not (self.shared_prefix and self._shared_branch_batch(chunk, base, call)):
+                self._branch_batch(chunk, base, call)
+        return call.results
 
-    def _shared_branch_batch(self, chunk, branches, layers, width, lens, generator, results, keys=None) -> bool:
+    def _shared_branch_batch(self, chunk: list[int], base: _Bases, call: _Call) -> bool:
         """Sample a batch of branches with shared-prefix attention (:class:`_SharedPrefix`). Returns False, having
         sampled nothing, when the model cannot serve it: its first forward refused the state's keyword, made an
         attention call it does not cover, or did not call the attention function once per cache layer with it."""
         from transformers import DynamicCache
 
-        B = len(chunk)
+        B, branches, layers = len(chunk), base.branches, base.layers
         Ls = [int(branches[k][1]) for k in chunk]
-        shared = _SharedPrefix(layers, [int(branches[k][0]) for k in chunk], Ls, [width - n for n in lens])
+        shared = _SharedPrefix(layers, [int(branches[k][0]) for k in chunk], Ls, [base.width - n for n in base.lens])
         cache = DynamicCache()  # suffix keys/values only: the forced token and the sampled ones
         if self.preallocate:
             capacity = 1 + max(int(branches[k][3]) for k in chunk)
@@ -231,15 +271,15 @@ class TransformersBackend(RolloutBackend):
                 return False
             if shared.calls != len(layers):
                 return False
-            logits, cache = out.logits[:, -1], _out_cache(out)
-            self._decode(logits, cache, None, positions + 1, rows, limits, generator, results, shared, keys=keys)
+            batch = _Batch(rows, positions + 1, limits, shared=shared)
+            self._decode(out.logits[:, -1], _out_cache(out), batch, call)
         return True
 
-    def _branch_batch(self, chunk, branches, layers, width, lens, generator, results, keys=None) -> None:
+    def _branch_batch(self, chunk: list[int], base: _Bases, call: _Call) -> None:
         """Sample a batch of branches, each with its own copy of its prefix's keys/values (right-aligned, masked)."""
         from transformers import DynamicCache
 
-        device = self.device
+        device, branches, width = self.device, base.branches, base.width
         B = len(chunk)
         Ls = [int(branches[k][1]) for k in chunk]
         lmax = max(Ls)
@@ -248,14 +288,14 @@ class TransformersBackend(RolloutBackend):
         base_rows = torch.as_tensor([int(branches[k][0]) for k in chunk], device=device)
         cols = torch.arange(lmax, device=device)
         shift = torch.as_tensor([lmax - L for L in Ls], device=device)
-        start = torch.as_tensor([width - lens[int(branches[k][0])] for k in chunk], device=device)
+        start = torch.as_tensor([width - base.lens[int(branches[k][0])] for k in chunk], device=device)
         src = (start[:, None] + cols[None, :] - shift[:, None]).clamp(0, width - 1)  # [B, lmax]
         valid = cols[None, :] >= shift[:, None]
         mask[:, :lmax] = valid.long()
         mask[:, lmax] = 1
         cache = DynamicCache()
         capacity = lmax + 1 + max(int(branches[k][3]) for k in chunk)
-        for li, (k, v) in enumerate(layers):
+        for li, (k, v) in enumerate(base.layers):
             kk = k[base_rows]  # [B, H, W, D]
             vv = v[base_rows]
             idx = src[:, None, :, None].expand(B, kk.shape[1], lmax, kk.shape[3])
@@ -273,8 +313,7 @@ class TransformersBackend(RolloutBackend):
             use_cache=True,
             **{_cache_kwarg(self.model): cache},
         )
-        self._decode(out.logits[:, -1], _out_cache(out), mask, positions + 1, rows, limits, generator, results,
-                     keys=keys)
+        self._decode(out.logits[:, -1], _out_cache(out), _Batch(rows, positions + 1, limits, mask=mask), call)
 
     def _branch_inputs(self, chunk, branches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(forced tokens, their positions (= prefix lengths), result rows, max new tokens)`` of a batch of
