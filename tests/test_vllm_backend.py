@@ -31,7 +31,6 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import opd_callback as oc  # noqa: E402
-from opd_callback.rollout import TransformersBackend  # noqa: E402
 from opd_callback.rollout.vllm_backend import VLLMBackend, VLLMOptions, start_vllm_engine  # noqa: E402
 
 from helpers import ExactTree, bernstein_halfwidth, make_tokenizer, plain_next_logits, reward_from  # noqa: E402

@@ -311,10 +311,7 @@ class VLLMBackend(RolloutBackend):
     ) -> None:
         self.llm = llm
         self.model = model
-        self.eos_ids = [int(e) for e in eos_ids]
-        self.pad_id = int(pad_id)
-        self.temperature = float(temperature)
-        self.batch_size = int(batch_size)
+        self.set_sampling(eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
         if max_model_len is None:
             try:
                 max_model_len = int(llm.llm_engine.model_config.max_model_len)
@@ -322,6 +319,13 @@ class VLLMBackend(RolloutBackend):
                 max_model_len = None
         self.max_model_len = max_model_len
         self.requests = 0  # vLLM requests issued (each with its n)
+
+    def set_sampling(self, *, eos_ids: Sequence[int], pad_id: int, temperature: float, batch_size: int) -> None:
+        """Set the stop ids, padding id, temperature and logits-pass batch size (an engine reused across runs)."""
+        self.eos_ids = [int(e) for e in eos_ids]
+        self.pad_id = int(pad_id)
+        self.temperature = float(temperature)
+        self.batch_size = int(batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -362,17 +366,13 @@ class VLLMBackend(RolloutBackend):
             detokenize=False,
         )
 
-    def sample(self, prefixes, max_new_tokens, generator):
-        n = len(prefixes)
-        if isinstance(max_new_tokens, int):
-            max_new_tokens = [max_new_tokens] * n
-        results: list[list[int]] = [[] for _ in range(n)]
+    def _requests(self, prefixes, max_new_tokens) -> list[tuple[tuple[int, ...], int, list[int]]]:
+        """``(prompt, max_new, rows)`` per request: identical ``(prefix, max_new)`` rows become one request (split
+        above vLLM's largest ``n``); rows with nothing to sample are left out. Checks each prompt's length."""
         groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for k, (p, m) in enumerate(zip(prefixes, max_new_tokens)):
             if int(m) > 0:
                 groups.setdefault((tuple(int(t) for t in p), int(m)), []).append(k)
-        if not groups:
-            return results
         requests: list[tuple[tuple[int, ...], int, list[int]]] = []
         for (p, m), rows in groups.items():
             if not p:
@@ -384,6 +384,16 @@ class VLLMBackend(RolloutBackend):
                 )
             for s in range(0, len(rows), _MAX_N):
                 requests.append((p, m, rows[s : s + _MAX_N]))
+        return requests
+
+    def sample(self, prefixes, max_new_tokens, generator):
+        n = len(prefixes)
+        if isinstance(max_new_tokens, int):
+            max_new_tokens = [max_new_tokens] * n
+        results: list[list[int]] = [[] for _ in range(n)]
+        requests = self._requests(prefixes, max_new_tokens)
+        if not requests:
+            return results
         # one seed per request from the per-prompt generator; vLLM seeds child i of a request with seed + i
         seeds = torch.randint(0, 2**62, (len(requests),), generator=generator, device=generator.device).tolist()
         from vllm.inputs import TokensPrompt
@@ -434,13 +444,13 @@ def make_backend(
             path = cand
     if opts.dtype == "auto":
         opts.dtype = _dtype_name(model)
+    sampling = dict(eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
     if path is not None:
-        llm = start_vllm_engine(path, opts)
-        be = VLLMBackend(llm, model, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
+        be = VLLMBackend(start_vllm_engine(path, opts), model, **sampling)
         if getattr(model, "training", False) or not _same_as_checkpoint(model, path):
             be.sync_weights()
         return be
-    return _engine_from_config(model, opts, eos_ids, pad_id, temperature, batch_size)
+    return _engine_from_config(model, opts, sampling)
 
 
 def _dtype_name(model: torch.nn.Module) -> str:
@@ -469,8 +479,9 @@ def _same_as_checkpoint(model: torch.nn.Module, path: Any) -> bool:
     return False
 
 
-def _engine_from_config(model, opts, eos_ids, pad_id, temperature, batch_size) -> VLLMBackend:
-    """An engine started on ``model``'s config alone (``load_format="dummy"``), then loaded with its weights."""
+def _engine_from_config(model: torch.nn.Module, opts: VLLMOptions, sampling: dict) -> VLLMBackend:
+    """An engine started on ``model``'s config alone (``load_format="dummy"``), then loaded with its weights;
+    ``sampling``: the keyword arguments of :meth:`VLLMBackend.set_sampling`."""
     import copy
 
     tmp = tempfile.mkdtemp(prefix="opd-vllm-")
@@ -478,8 +489,7 @@ def _engine_from_config(model, opts, eos_ids, pad_id, temperature, batch_size) -
     cfg = copy.deepcopy(base.config)
     cfg.architectures = [type(base).__name__]  # vLLM picks its model class from this
     cfg.save_pretrained(tmp)
-    llm = start_vllm_engine(tmp, opts, load_format="dummy")
-    be = VLLMBackend(llm, model, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
+    be = VLLMBackend(start_vllm_engine(tmp, opts, load_format="dummy"), model, **sampling)
     be.sync_weights()
     be.config_dir = tmp
     return be
@@ -516,6 +526,7 @@ class VLLMBackendProvider:
 
     def backend(self, model: torch.nn.Module, *, eos_ids, pad_id, temperature, batch_size) -> VLLMBackend:
         """A backend over the current weights (weights pushed into the engine now)."""
+        sampling = dict(eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
         llm = self.trainer_engine()
         if llm is not None:
             # our own sync, not vg.sync_weights(): TRL 1.16 calls model.load_weights directly, which fails on
@@ -523,19 +534,15 @@ class VLLMBackendProvider:
             with preserved_rng():
                 load_weights_into(llm, model)
             self.source = "trainer"
-            return VLLMBackend(llm, model, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature,
-                               batch_size=batch_size)
+            return VLLMBackend(llm, model, **sampling)
         if self._own is None:
             opts = self.options
             if opts.dtype == "auto":
                 opts = VLLMOptions(**{**opts.__dict__, "dtype": _dtype_name(model)})
-            self._own = _engine_from_config(model, opts, eos_ids, pad_id, temperature, batch_size)
+            self._own = _engine_from_config(model, opts, sampling)
         else:
             self._own.model = model
             self._own.sync_weights(model)
-        self._own.eos_ids = [int(e) for e in eos_ids]
-        self._own.pad_id = int(pad_id)
-        self._own.temperature = float(temperature)
-        self._own.batch_size = int(batch_size)
+            self._own.set_sampling(**sampling)
         self.source = "own"
         return self._own
