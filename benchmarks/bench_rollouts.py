@@ -6,9 +6,10 @@
 * naive    — ``model.generate`` once per (node, candidate), full prefix re-encoded, ``num_return_sequences=n``.
 * ceiling  — plain batched ``model.generate`` of the same number of continuations from a 1-token prompt (no prefix).
 
-* vllm     — ``--backend vllm``: :class:`~opd_callback.rollout.vllm_backend.VLLMBackend` on a vLLM engine started once per
-             model (prefix caching, one request with ``n`` per (node, candidate); prefix cache cleared before each
-             pass). Models whose head size vLLM's CPU attention refuses (the toy lab's) are skipped.
+* vllm     — ``--backend vllm``: :class:`~opd_callback.rollout.vllm_backend.VLLMBackend` on a vLLM engine started
+             once per model (prefix caching, one request with ``n`` per (node, candidate); prefix cache cleared before
+             each pass). Models whose head size vLLM's CPU attention refuses (the toy lab's) are skipped. Each repeat
+             times one vLLM pass and one engine pass back to back (order alternating), in wall and process CPU time.
 
 All of them sample the same number of continuation tokens (EOS disabled so lengths are equal), measured side by side
 in one run. Usage: ``python benchmarks/bench_rollouts.py [--quick] [--device cuda --dtype bfloat16 --big]
@@ -43,7 +44,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes_per_rollout, cands, n_per, max_new, min_prefix, seed=0):
+def make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes_per_rollout, cands, n_per, max_new, min_prefix,
+              seed=0):
     g = torch.Generator().manual_seed(seed)
     usable = [i for i in range(vocab) if i != eos]
     def rand_tokens(n):
@@ -145,12 +147,14 @@ def _vllm_pair(runner, model, bases, branches, batch_size, device, vllm_first: b
     return res
 
 
-def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, repeats,
+def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion_len, n_rollouts, nodes, cands, n_per,
+          max_new, repeats,
           streams_only=False, vllm=None, skip_naive=False, skip_ceiling=False):
     bases, branches = make_work(vocab, eos, prompt_len, completion_len, n_rollouts, nodes, cands, n_per, max_new, 64)
     prefix_lens = [L for _, L, _, _ in branches]
     row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "continuations": len(branches),
-           "max_new_tokens": max_new, "prefix_len_min": min(prefix_lens), "prefix_len_mean": sum(prefix_lens) / len(prefix_lens),
+           "max_new_tokens": max_new, "prefix_len_min": min(prefix_lens),
+           "prefix_len_mean": sum(prefix_lens) / len(prefix_lens),
            "batch_size": batch_size}
     # warm-up
     run_engine(model, bases, branches[: batch_size], batch_size, device)
@@ -169,6 +173,10 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
             vllm_pairs.append(_vllm_pair(runner, model, bases, branches, batch_size, device, vllm_first=rep % 2 == 0))
             best["vllm"] = max(best["vllm"], vllm_pairs[-1]["vllm_tokens_per_s"])
             best["engine"] = max(best["engine"], vllm_pairs[-1]["engine_tokens_per_s"])
+            last = vllm_pairs[-1]
+            print(f"  pair {rep + 1}/{repeats}: vllm {last['vllm_tokens_per_s']:.0f} tok/s, engine "
+                  f"{last['engine_tokens_per_s']:.0f} tok/s, vllm/engine {last['vllm_over_engine']:.2f}x "
+                  f"(CPU time {last['vllm_over_engine_cpu_time']:.2f}x), load {os.getloadavg()[0]:.1f}", flush=True)
         pair = {}
         for streams in ((True, False) if rep % 2 == 0 else (False, True)):  # alternate the order: no position bias
             if not streams_only and runner is not None:
@@ -219,7 +227,8 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
               f"(engine start {runner.startup_s:.0f} s)")
         del runner
     print(
-        f"{name:<28} engine {best['engine']:9.0f} tok/s | naive {best['naive']:9.0f} | ceiling {best['ceiling']:9.0f} | "
+        f"{name:<28} engine {best['engine']:9.0f} tok/s | naive {best['naive']:9.0f} | "
+        f"ceiling {best['ceiling']:9.0f} | "
         f"engine/naive {row['engine_over_naive'] or float('nan'):5.2f}x | "
         f"engine/ceiling {row['engine_over_ceiling'] or float('nan'):5.1%} | "
         f"per-row streams cost {row['row_streams_cost'] if row['row_streams_cost'] is not None else float('nan'):+.1%}"
@@ -300,7 +309,8 @@ def main(argv=None):
                       streams_only=args.row_streams, vllm=vllm, skip_naive=args.no_naive,
                       skip_ceiling=args.no_ceiling, **work))
     if args.big:
-        big = random_qwen2(vocab_size=151936, hidden=896, layers=24, heads=14, kv_heads=2, eos=0, dtype=dtype, device=dev)
+        big = random_qwen2(vocab_size=151936, hidden=896, layers=24, heads=14, kv_heads=2, eos=0, dtype=dtype,
+                           device=dev)
         w = dict(work, n_rollouts=4, nodes=8, completion_len=256, max_new=64)
         rows.append(bench("random Qwen2 0.5B-shaped", big, 151936, 0, device=dev, batch_size=256, repeats=repeats,
                           vllm=vllm, **w))

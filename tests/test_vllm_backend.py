@@ -1,5 +1,5 @@
-"""The vLLM rollout backend (opd_callback/rollout/vllm_backend.py) on CPU: exact sampling against enumeration on two model
-families, statistical agreement with the transformers backend, seeds, weight sync (prefix cache included), the
+"""The vLLM rollout backend (opd_callback/rollout/vllm_backend.py) on CPU: exact sampling against enumeration on two
+model families, statistical agreement with the transformers backend, seeds, weight sync (prefix cache included), the
 ``backend="vllm"`` entry points (diagnose, opd-diagnose, the callback with its own engine and with TRL's colocated one).
 
 Runs where ``vllm`` is importable (``make test`` runs this file in ``.venv-vllm``, see the Makefile); one engine per
@@ -186,7 +186,8 @@ def test_candidate_success_matches_enumeration(lab, exact_reports):
 def test_base_rollouts_follow_the_student(lab, exact_reports):
     """Base rollouts (sampled by vLLM): their success rate agrees with the exact root value V(prompt)."""
     # nodes only at the last position: their candidates end the completion there (scored exactly, no continuation)
-    rep = _diagnose(lab.model, lab.tok, lab.backend(), 1, num_rollouts=600, node_selection="positions", positions=[T - 1])
+    rep = _diagnose(lab.model, lab.tok, lab.backend(), 1, num_rollouts=600, node_selection="positions",
+                    positions=[T - 1])
     assert (rep.records["position"] == T - 1).all()
     tok = lab.tok
     for i, p in enumerate(PROMPTS):
