@@ -239,6 +239,8 @@ def bench(name, model, vocab, eos, *, device, batch_size, prompt_len, completion
 def _vllm_options(args) -> dict:
     """``VLLMRunner`` keyword arguments from the command line (only what was given, besides dtype and memory)."""
     opts = {"dtype": args.vllm_dtype or args.dtype, "gpu_memory_utilization": args.vllm_gpu_memory_utilization}
+    if args.vllm_compile:
+        opts["enforce_eager"] = False
     for name in ("block_size", "max_num_seqs", "kv_cache_gib"):
         if getattr(args, f"vllm_{name}") is not None:
             opts[name] = getattr(args, f"vllm_{name}")
@@ -273,6 +275,8 @@ def main(argv=None):
     p.add_argument("--vllm-chunked-prefill", choices=["on", "off"], default=None,
                    help="vLLM enable_chunked_prefill (default: vLLM's)")
     p.add_argument("--vllm-kv-cache-gib", type=float, default=None, help="vLLM CPU KV cache size (default: 1 GiB)")
+    p.add_argument("--vllm-compile", action="store_true",
+                   help="vLLM with torch.compile / graphs (enforce_eager=False; on CPU compiling costs minutes)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (both engines; set before vLLM starts, which then pins it)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the plain-generate ceiling")

@@ -30,6 +30,10 @@ class VLLMRunner:
         self.options = {"dtype": dtype, "max_model_len": max_model_len, **options}
         self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
         self.options["block_size_in_engine"] = self.block_size
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        self.options.update(chunked_prefill_in_engine=bool(sched.enable_chunked_prefill),
+                            max_num_seqs_in_engine=int(sched.max_num_seqs),
+                            max_num_batched_tokens_in_engine=int(sched.max_num_batched_tokens))
         self._branches: list = []
 
     def prompt_tokens_computed(self) -> dict:

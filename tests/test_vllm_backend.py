@@ -264,6 +264,19 @@ def test_groups_identical_prompts_into_requests(qwen):
         be.sample([[1] * 250], [10], torch.Generator().manual_seed(0))
 
 
+def test_prompts_over_one_step_token_budget(qwen):
+    """More prompt tokens than one engine step takes (``max_num_batched_tokens``): with chunked prefill a seeded
+    request's prefill would be split, and vLLM's CPU build fails rewinding its generator; whole prompts per step run."""
+    be = qwen.backend()
+    sched = be.llm.llm_engine.vllm_config.scheduler_config
+    g = torch.Generator().manual_seed(0)
+    n = sched.max_num_batched_tokens // 60 + 8
+    prefixes = [torch.randint(1, 10, (60,), generator=g).tolist() for _ in range(n)]
+    assert sum(map(len, prefixes)) > sched.max_num_batched_tokens
+    out = be.sample(prefixes, 2, g)
+    assert len(out) == n and all(len(o) == 2 or (o and o[-1] in be.eos_ids) for o in out)
+
+
 # ====================================================================================================================
 # weight sync
 
@@ -352,6 +365,7 @@ def test_engine_kwargs_exact_sampling_defaults():
     assert kw["tensor_parallel_size"] == 2 and kw["gpu_memory_utilization"] == 0.4
     assert kw["dtype"] == "bfloat16" and kw["max_model_len"] == 4096
     assert kw["block_size"] % 32 == 0  # CPU: multiples of 32 (small enough to share prefixes)
+    assert kw["enable_chunked_prefill"] is False  # CPU: seeded requests cannot survive a split prefill
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         VLLMOptions(gpu_memory_utilization=1.5)
 

@@ -139,20 +139,34 @@ def engine_kwargs(options: VLLMOptions) -> dict:
         kw["max_model_len"] = int(options.max_model_len)
     if options.max_num_seqs is not None:
         kw["max_num_seqs"] = int(options.max_num_seqs)
-    block = options.block_size if options.block_size is not None else (32 if cpu else None)
-    if block is not None:
-        kw["block_size"] = int(block)
     if cpu:
-        gib = options.kv_cache_gib
-        if gib is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            gib = 1.0
-        if gib is not None:
-            kw["kv_cache_memory_bytes"] = int(float(gib) * (1 << 30))
+        kw.update(_cpu_kwargs(options))
+    elif options.block_size is not None:
+        kw["block_size"] = int(options.block_size)
     if _distributed_world() > 1:
         # several training processes (torchrun / accelerate): one engine per rank inside the existing process group,
         # as TRL's colocate mode starts its engines (its own executor would try to create a world of one)
         kw["distributed_executor_backend"] = "external_launcher"
     kw.update(options.extra)
+    return kw
+
+
+def _cpu_kwargs(options: VLLMOptions) -> dict:
+    """The CPU engine's block size, KV cache size and scheduling (see :func:`engine_kwargs`).
+
+    Chunked prefill is off: vLLM rewinds a seeded request's generator when it discards the token sampled after a
+    partial prefill (``generator.set_offset``), which CPU generators refuse ("CPU Generator does not use offset"); every
+    request here is seeded, so a prefill split over two steps (prompts of one step over ``max_num_batched_tokens``)
+    would end the run. Without chunking vLLM schedules whole prompts and raises ``max_num_batched_tokens`` to at least
+    ``max_model_len``.
+    """
+    kw: dict[str, Any] = {"block_size": int(options.block_size) if options.block_size is not None else 32,
+                          "enable_chunked_prefill": False}
+    gib = options.kv_cache_gib
+    if gib is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        gib = 1.0
+    if gib is not None:
+        kw["kv_cache_memory_bytes"] = int(float(gib) * (1 << 30))
     return kw
 
 
