@@ -123,7 +123,8 @@ def _on_cpu() -> bool:
 
 
 def engine_kwargs(options: VLLMOptions) -> dict:
-    """``vllm.LLM`` keyword arguments for ``options`` (prefix caching on, generation_config not applied)."""
+    """``vllm.LLM`` keyword arguments for ``options`` (prefix caching on, generation_config not applied; on CPU also
+    32-token blocks, the KV cache size and chunked prefill off: :func:`_cpu_kwargs`)."""
     cpu = _on_cpu()
     kw: dict[str, Any] = {
         "tensor_parallel_size": options.tensor_parallel_size,
