@@ -1,5 +1,5 @@
-"""The vLLM rollout backend (opd_callback/rollout/vllm_backend.py) on CPU: exact sampling against enumeration on two model
-families, statistical agreement with the transformers backend, seeds, weight sync (prefix cache included), the
+"""The vLLM rollout backend (opd_callback/rollout/vllm_backend.py) on CPU: exact sampling against enumeration on two
+model families, statistical agreement with the transformers backend, seeds, weight sync (prefix cache included), the
 ``backend="vllm"`` entry points (diagnose, opd-diagnose, the callback with its own engine and with TRL's colocated one).
 
 Runs where ``vllm`` is importable (``make test`` runs this file in ``.venv-vllm``, see the Makefile); one engine per
@@ -185,7 +185,8 @@ def test_candidate_success_matches_enumeration(lab, exact_reports):
 def test_base_rollouts_follow_the_student(lab, exact_reports):
     """Base rollouts (sampled by vLLM): their success rate agrees with the exact root value V(prompt)."""
     # nodes only at the last position: their candidates end the completion there (scored exactly, no continuation)
-    rep = _diagnose(lab.model, lab.tok, lab.backend(), 1, num_rollouts=600, node_selection="positions", positions=[T - 1])
+    rep = _diagnose(lab.model, lab.tok, lab.backend(), 1, num_rollouts=600, node_selection="positions",
+                    positions=[T - 1])
     assert (rep.records["position"] == T - 1).all()
     tok = lab.tok
     for i, p in enumerate(PROMPTS):
@@ -260,6 +261,19 @@ def test_groups_identical_prompts_into_requests(qwen):
     assert be.requests - before == 2 and out[-1] == [] and all(1 <= len(o) <= 3 for o in out[:-1])
     with pytest.raises(ValueError, match="max_model_len"):
         be.sample([[1] * 250], [10], torch.Generator().manual_seed(0))
+
+
+def test_prompts_over_one_step_token_budget(qwen):
+    """More prompt tokens than one engine step takes (``max_num_batched_tokens``): with chunked prefill a seeded
+    request's prefill would be split, and vLLM's CPU build fails rewinding its generator; whole prompts per step run."""
+    be = qwen.backend()
+    sched = be.llm.llm_engine.vllm_config.scheduler_config
+    g = torch.Generator().manual_seed(0)
+    n = sched.max_num_batched_tokens // 60 + 8
+    prefixes = [torch.randint(1, 10, (60,), generator=g).tolist() for _ in range(n)]
+    assert sum(map(len, prefixes)) > sched.max_num_batched_tokens
+    out = be.sample(prefixes, 2, g)
+    assert len(out) == n and all(len(o) == 2 or (o and o[-1] in be.eos_ids) for o in out)
 
 
 # ====================================================================================================================
@@ -350,6 +364,7 @@ def test_engine_kwargs_exact_sampling_defaults():
     assert kw["tensor_parallel_size"] == 2 and kw["gpu_memory_utilization"] == 0.4
     assert kw["dtype"] == "bfloat16" and kw["max_model_len"] == 4096
     assert kw["block_size"] % 32 == 0  # CPU: multiples of 32 (small enough to share prefixes)
+    assert kw["enable_chunked_prefill"] is False  # CPU: seeded requests cannot survive a split prefill
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         VLLMOptions(gpu_memory_utilization=1.5)
 

@@ -123,7 +123,8 @@ def _on_cpu() -> bool:
 
 
 def engine_kwargs(options: VLLMOptions) -> dict:
-    """``vllm.LLM`` keyword arguments for ``options`` (prefix caching on, generation_config not applied)."""
+    """``vllm.LLM`` keyword arguments for ``options`` (prefix caching on, generation_config not applied; on CPU also
+    32-token blocks, the KV cache size and chunked prefill off: :func:`_cpu_kwargs`)."""
     cpu = _on_cpu()
     kw: dict[str, Any] = {
         "tensor_parallel_size": options.tensor_parallel_size,
@@ -139,20 +140,34 @@ def engine_kwargs(options: VLLMOptions) -> dict:
         kw["max_model_len"] = int(options.max_model_len)
     if options.max_num_seqs is not None:
         kw["max_num_seqs"] = int(options.max_num_seqs)
-    block = options.block_size if options.block_size is not None else (32 if cpu else None)
-    if block is not None:
-        kw["block_size"] = int(block)
     if cpu:
-        gib = options.kv_cache_gib
-        if gib is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            gib = 1.0
-        if gib is not None:
-            kw["kv_cache_memory_bytes"] = int(float(gib) * (1 << 30))
+        kw.update(_cpu_kwargs(options))
+    elif options.block_size is not None:
+        kw["block_size"] = int(options.block_size)
     if _distributed_world() > 1:
         # several training processes (torchrun / accelerate): one engine per rank inside the existing process group,
         # as TRL's colocate mode starts its engines (its own executor would try to create a world of one)
         kw["distributed_executor_backend"] = "external_launcher"
     kw.update(options.extra)
+    return kw
+
+
+def _cpu_kwargs(options: VLLMOptions) -> dict:
+    """The CPU engine's block size, KV cache size and scheduling (see :func:`engine_kwargs`).
+
+    Chunked prefill is off: vLLM rewinds a seeded request's generator when it discards the token sampled after a
+    partial prefill (``generator.set_offset``), which CPU generators refuse ("CPU Generator does not use offset"); every
+    request here is seeded, so a prefill split over two steps (prompts of one step over ``max_num_batched_tokens``)
+    would end the run. Without chunking vLLM schedules whole prompts and raises ``max_num_batched_tokens`` to at least
+    ``max_model_len``.
+    """
+    kw: dict[str, Any] = {"block_size": int(options.block_size) if options.block_size is not None else 32,
+                          "enable_chunked_prefill": False}
+    gib = options.kv_cache_gib
+    if gib is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        gib = 1.0
+    if gib is not None:
+        kw["kv_cache_memory_bytes"] = int(float(gib) * (1 << 30))
     return kw
 
 
@@ -311,10 +326,7 @@ class VLLMBackend(RolloutBackend):
     ) -> None:
         self.llm = llm
         self.model = model
-        self.eos_ids = [int(e) for e in eos_ids]
-        self.pad_id = int(pad_id)
-        self.temperature = float(temperature)
-        self.batch_size = int(batch_size)
+        self.set_sampling(eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
         if max_model_len is None:
             try:
                 max_model_len = int(llm.llm_engine.model_config.max_model_len)
@@ -322,6 +334,13 @@ class VLLMBackend(RolloutBackend):
                 max_model_len = None
         self.max_model_len = max_model_len
         self.requests = 0  # vLLM requests issued (each with its n)
+
+    def set_sampling(self, *, eos_ids: Sequence[int], pad_id: int, temperature: float, batch_size: int) -> None:
+        """Set the stop ids, padding id, temperature and logits-pass batch size (an engine reused across runs)."""
+        self.eos_ids = [int(e) for e in eos_ids]
+        self.pad_id = int(pad_id)
+        self.temperature = float(temperature)
+        self.batch_size = int(batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -362,17 +381,13 @@ class VLLMBackend(RolloutBackend):
             detokenize=False,
         )
 
-    def sample(self, prefixes, max_new_tokens, generator):
-        n = len(prefixes)
-        if isinstance(max_new_tokens, int):
-            max_new_tokens = [max_new_tokens] * n
-        results: list[list[int]] = [[] for _ in range(n)]
+    def _requests(self, prefixes, max_new_tokens) -> list[tuple[tuple[int, ...], int, list[int]]]:
+        """``(prompt, max_new, rows)`` per request: identical ``(prefix, max_new)`` rows become one request (split
+        above vLLM's largest ``n``); rows with nothing to sample are left out. Checks each prompt's length."""
         groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for k, (p, m) in enumerate(zip(prefixes, max_new_tokens)):
             if int(m) > 0:
                 groups.setdefault((tuple(int(t) for t in p), int(m)), []).append(k)
-        if not groups:
-            return results
         requests: list[tuple[tuple[int, ...], int, list[int]]] = []
         for (p, m), rows in groups.items():
             if not p:
@@ -384,6 +399,16 @@ class VLLMBackend(RolloutBackend):
                 )
             for s in range(0, len(rows), _MAX_N):
                 requests.append((p, m, rows[s : s + _MAX_N]))
+        return requests
+
+    def sample(self, prefixes, max_new_tokens, generator):
+        n = len(prefixes)
+        if isinstance(max_new_tokens, int):
+            max_new_tokens = [max_new_tokens] * n
+        results: list[list[int]] = [[] for _ in range(n)]
+        requests = self._requests(prefixes, max_new_tokens)
+        if not requests:
+            return results
         # one seed per request from the per-prompt generator; vLLM seeds child i of a request with seed + i
         seeds = torch.randint(0, 2**62, (len(requests),), generator=generator, device=generator.device).tolist()
         from vllm.inputs import TokensPrompt
@@ -434,13 +459,13 @@ def make_backend(
             path = cand
     if opts.dtype == "auto":
         opts.dtype = _dtype_name(model)
+    sampling = dict(eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
     if path is not None:
-        llm = start_vllm_engine(path, opts)
-        be = VLLMBackend(llm, model, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
+        be = VLLMBackend(start_vllm_engine(path, opts), model, **sampling)
         if getattr(model, "training", False) or not _same_as_checkpoint(model, path):
             be.sync_weights()
         return be
-    return _engine_from_config(model, opts, eos_ids, pad_id, temperature, batch_size)
+    return _engine_from_config(model, opts, sampling)
 
 
 def _dtype_name(model: torch.nn.Module) -> str:
@@ -469,8 +494,9 @@ def _same_as_checkpoint(model: torch.nn.Module, path: Any) -> bool:
     return False
 
 
-def _engine_from_config(model, opts, eos_ids, pad_id, temperature, batch_size) -> VLLMBackend:
-    """An engine started on ``model``'s config alone (``load_format="dummy"``), then loaded with its weights."""
+def _engine_from_config(model: torch.nn.Module, opts: VLLMOptions, sampling: dict) -> VLLMBackend:
+    """An engine started on ``model``'s config alone (``load_format="dummy"``), then loaded with its weights;
+    ``sampling``: the keyword arguments of :meth:`VLLMBackend.set_sampling`."""
     import copy
 
     tmp = tempfile.mkdtemp(prefix="opd-vllm-")
@@ -478,8 +504,7 @@ def _engine_from_config(model, opts, eos_ids, pad_id, temperature, batch_size) -
     cfg = copy.deepcopy(base.config)
     cfg.architectures = [type(base).__name__]  # vLLM picks its model class from this
     cfg.save_pretrained(tmp)
-    llm = start_vllm_engine(tmp, opts, load_format="dummy")
-    be = VLLMBackend(llm, model, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
+    be = VLLMBackend(start_vllm_engine(tmp, opts, load_format="dummy"), model, **sampling)
     be.sync_weights()
     be.config_dir = tmp
     return be
@@ -516,6 +541,7 @@ class VLLMBackendProvider:
 
     def backend(self, model: torch.nn.Module, *, eos_ids, pad_id, temperature, batch_size) -> VLLMBackend:
         """A backend over the current weights (weights pushed into the engine now)."""
+        sampling = dict(eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
         llm = self.trainer_engine()
         if llm is not None:
             # our own sync, not vg.sync_weights(): TRL 1.16 calls model.load_weights directly, which fails on
@@ -523,19 +549,15 @@ class VLLMBackendProvider:
             with preserved_rng():
                 load_weights_into(llm, model)
             self.source = "trainer"
-            return VLLMBackend(llm, model, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature,
-                               batch_size=batch_size)
+            return VLLMBackend(llm, model, **sampling)
         if self._own is None:
             opts = self.options
             if opts.dtype == "auto":
                 opts = VLLMOptions(**{**opts.__dict__, "dtype": _dtype_name(model)})
-            self._own = _engine_from_config(model, opts, eos_ids, pad_id, temperature, batch_size)
+            self._own = _engine_from_config(model, opts, sampling)
         else:
             self._own.model = model
             self._own.sync_weights(model)
-        self._own.eos_ids = [int(e) for e in eos_ids]
-        self._own.pad_id = int(pad_id)
-        self._own.temperature = float(temperature)
-        self._own.batch_size = int(batch_size)
+            self._own.set_sampling(**sampling)
         self.source = "own"
         return self._own
