@@ -509,3 +509,30 @@ def test_short_run_gets_one_diagnostic_and_a_warning(tmp_path, caplog):
         run.train()
     assert [h["step"] for h in cb.history] == [3]
     assert any("every_n_steps=10" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def _documented_keys() -> list[str]:
+    """The scalar keys listed in docs/callback.md, "Logged metrics" (before the wandb-only panels)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "callback.md").read_text()
+    section = text.split("## Logged metrics", 1)[1].split("On wandb only", 1)[0]
+    keys = re.findall(r"`(opd/[^`]+)`", section)
+    assert len(keys) > 15, keys  # the parser found the tables
+    return keys
+
+
+def test_every_logged_key_is_documented(tmp_path):
+    import re
+
+    tr, _ = _trainer(tmp_path / "run", max_steps=2)
+    es = oc.AlignmentEarlyStopping(metric="alignment", threshold=1.01, patience=5, min_questions=1)
+    cb = oc.GradientAlignmentCallback(tr, reward_fn=accuracy_reward, every_n_steps=1, configs=_alt(),
+                                      settings=tiny_settings(), early_stopping=es)
+    tr.add_callback(cb)
+    tr.train()
+    logged = {k for r in _opd_rows(tr) for k in r if k.startswith("opd/")}
+    patterns = [re.compile(re.escape(k).replace(re.escape("<config>"), r"(current|self\+solution)") + "$")
+                for k in _documented_keys()]
+    assert {"opd/current/teacher_gain", "opd/self+solution/teacher_gain", "opd/early_stopping/bad_count"} <= logged
+    assert sorted(k for k in logged if not any(p.match(k) for p in patterns)) == []
