@@ -152,6 +152,10 @@ def _rollout_provider(trainer: Any, backend: Any, vllm_options: Any) -> Any:
 class GradientAlignmentCallback(TrainerCallback):
     """Pause on-policy distillation every ``every_n_steps`` steps and score teacher configurations.
 
+    Logged metrics: after each diagnostic one row of scalars (``opd/<config>/teacher_gain``, ``opd/<config>/alignment``,
+    ``opd/student/success_rate``, ...) goes through the trainer's log; every key is listed in docs/callback.md,
+    "Logged metrics" (a test keeps that list complete).
+
     Args:
         trainer: the trainer (``trl.DistillationTrainer``, ``trl.experimental.gkd.GKDTrainer``,
             ``trl.experimental.sdft.SDFTTrainer``, or any ``transformers.Trainer`` with explicit ``configs``). The
