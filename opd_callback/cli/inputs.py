@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from opd_callback.cli.errors import CliError
+from opd_callback.cli.errors import CliError, first_line
 
 __all__ = ["load_config_file", "load_examples", "load_reward", "parse_divergence", "import_object", "split_named",
            "read_template"]
@@ -35,7 +35,7 @@ def load_config_file(path: str | Path) -> dict:
     try:
         data = parse(text)
     except Exception as exc:  # noqa: BLE001 - parse errors of either format
-        raise CliError(f"--config {path}: cannot parse it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise CliError(f"--config {path}: cannot parse it ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(data, dict):
         raise CliError(f"--config {path}: the file must hold a mapping of keys (student, teachers, settings, ...)")
     return data

@@ -25,12 +25,12 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from opd_callback.rollout import RolloutBackend, next_token_logits, preserved_rng
+from opd_callback.rollout.base import RolloutBackend, next_token_logits, preserved_rng
 
 __all__ = [
     "VLLMBackend",
@@ -451,14 +451,12 @@ def make_backend(
         raise ValueError(f"backend must be 'transformers', 'vllm' or a RolloutBackend, got {backend!r}")
     if backend == "transformers":
         return None
-    opts = options if isinstance(options, VLLMOptions) else VLLMOptions(**(options or {}))
+    opts = _options_for(options, model)
     path = model_path
     if path is None:
         cand = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
         if cand and os.path.isdir(str(cand)) and os.path.isfile(os.path.join(str(cand), "config.json")):
             path = cand
-    if opts.dtype == "auto":
-        opts.dtype = _dtype_name(model)
     sampling = dict(eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, batch_size=batch_size)
     if path is not None:
         be = VLLMBackend(start_vllm_engine(path, opts), model, **sampling)
@@ -474,6 +472,18 @@ def _dtype_name(model: torch.nn.Module) -> str:
     except StopIteration:
         return "auto"
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "auto")
+
+
+def _as_options(options: VLLMOptions | dict | None) -> VLLMOptions:
+    """A :class:`VLLMOptions` from itself, a dict of its fields, or None (the defaults); checked on construction."""
+    return options if isinstance(options, VLLMOptions) else VLLMOptions(**(options or {}))
+
+
+def _options_for(options: VLLMOptions | dict | None, model: torch.nn.Module) -> VLLMOptions:
+    """``options`` (see :func:`_as_options`) with ``dtype="auto"`` resolved to ``model``'s dtype; the caller's object
+    is not modified."""
+    opts = _as_options(options)
+    return replace(opts, dtype=_dtype_name(model)) if opts.dtype == "auto" else opts
 
 
 def _same_as_checkpoint(model: torch.nn.Module, path: Any) -> bool:
@@ -523,7 +533,7 @@ class VLLMBackendProvider:
     def __init__(self, trainer: Any, options: VLLMOptions | dict | None = None, reuse_trainer_engine: bool = True):
         _require_vllm()
         self.trainer = trainer
-        self.options = options if isinstance(options, VLLMOptions) else VLLMOptions(**(options or {}))
+        self.options = _as_options(options)
         self.reuse_trainer_engine = bool(reuse_trainer_engine)
         self._own: VLLMBackend | None = None
         self.source: str | None = None  # "trainer" or "own"
@@ -551,10 +561,7 @@ class VLLMBackendProvider:
             self.source = "trainer"
             return VLLMBackend(llm, model, **sampling)
         if self._own is None:
-            opts = self.options
-            if opts.dtype == "auto":
-                opts = VLLMOptions(**{**opts.__dict__, "dtype": _dtype_name(model)})
-            self._own = _engine_from_config(model, opts, sampling)
+            self._own = _engine_from_config(model, _options_for(self.options, model), sampling)
         else:
             self._own.model = model
             self._own.sync_weights(model)

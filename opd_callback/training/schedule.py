@@ -46,22 +46,21 @@ class DiagnosticSchedule:
 
     def __init__(self, every_n_steps: int | None, max_overhead: float, first_step: int, run_at_start: bool,
                  run_at_end: bool) -> None:
+        # types first (check_value returns int / float / bool or raises), then the bounds
         every_n_steps = check_value(_OWNER, "every_n_steps", every_n_steps, int | None)
         max_overhead = check_value(_OWNER, "max_overhead", max_overhead, float)
         first_step = check_value(_OWNER, "first_step", first_step, int)
-        check_value(_OWNER, "run_at_start", run_at_start, bool)
-        check_value(_OWNER, "run_at_end", run_at_end, bool)
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+        self.run_at_start = check_value(_OWNER, "run_at_start", run_at_start, bool)
+        self.run_at_end = check_value(_OWNER, "run_at_end", run_at_end, bool)
+        if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1 or None (time budget), got {every_n_steps!r}")
-        if not (isinstance(max_overhead, (int, float)) and 0 < max_overhead):
+        if max_overhead <= 0:
             raise ValueError(f"max_overhead must be > 0 (e.g. 0.1 for 10%), got {max_overhead!r}")
-        if not isinstance(first_step, int) or first_step < 1:
+        if first_step < 1:
             raise ValueError(f"first_step must be an int >= 1, got {first_step!r}")
         self.every_n_steps = every_n_steps
-        self.max_overhead = float(max_overhead)
+        self.max_overhead = max_overhead
         self.first_step = first_step
-        self.run_at_start = bool(run_at_start)
-        self.run_at_end = bool(run_at_end)
         self.next_step: int = first_step
         self.train_seconds = 0.0
         self.train_steps = 0
